@@ -1,0 +1,150 @@
+// The vectorized inner loops of the CPU kernels, each over one contiguous chunk of a row.
+//
+// A chunk is small enough to stay in the L1/L2 cache, so the forward makes two passes over it (max,
+// then sum of exp) while reading it from memory once. The drivers cut every row into the same fixed
+// chunks whatever the thread count and merge the per-chunk results in chunk order, which is what makes
+// the results bit-identical for any number of threads.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/ls_row_math.h"
+#include "cpu/ls_simd.h"
+
+namespace labelsmooth::cpu {
+
+// Logits per chunk: 32 KiB of fp32, so the second pass of the forward reads from L1/L2.
+constexpr int64_t kChunkElements = 8192;
+
+// What the forward learns from one chunk of a row; partials merge in chunk order.
+template <typename acc_t>
+struct ChunkPartial {
+  SoftmaxState<acc_t> softmax;
+  acc_t shifted_sum;  // class index: sum_c w_c (z_c - pivot); probabilities: sum_c w_c t'_c (z_c - pivot)
+  acc_t mass;         // probabilities: sum_c w_c t'_c (unused for class indices)
+};
+
+template <typename acc_t>
+inline ChunkPartial<acc_t> merge_chunk_partials(const ChunkPartial<acc_t>& a, const ChunkPartial<acc_t>& b) {
+  return ChunkPartial<acc_t>{softmax_state_merge(a.softmax, b.softmax), a.shifted_sum + b.shifted_sum,
+                             a.mass + b.mass};
+}
+
+template <typename scalar_t, typename acc_t>
+LS_CPU_TARGET_CLONES acc_t chunk_max(const scalar_t* z, int64_t n) {
+  acc_t m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t x = load_as_acc(z[j]);
+    m = x > m ? x : m;
+  }
+  return m;
+}
+
+template <typename scalar_t, typename acc_t>
+LS_CPU_TARGET_CLONES acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max) {
+  // A chunk of only -inf logits contributes nothing (exp(-inf - -inf) would be NaN).
+  if (max == -INFINITY) return acc_t(0);
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += exp_vectorizable(load_as_acc(z[j]) - max);
+  return s;
+}
+
+// sum_c w_c (z_c - pivot), with w == nullptr meaning all weights 1.
+template <typename scalar_t, typename acc_t>
+LS_CPU_TARGET_CLONES acc_t chunk_shifted_sum(const scalar_t* z, const acc_t* w, int64_t n, acc_t pivot) {
+  acc_t s = 0;
+  if (w == nullptr) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += load_as_acc(z[j]) - pivot;
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += w[j] * (load_as_acc(z[j]) - pivot);
+  }
+  return s;
+}
+
+// sum_c w_c t'_c and sum_c w_c t'_c (z_c - pivot) for probability targets t (t' = (1-eps) t + eps/K).
+template <typename scalar_t, typename target_t, typename acc_t>
+LS_CPU_TARGET_CLONES void chunk_target_sums(const scalar_t* z, const target_t* t, const acc_t* w, int64_t n,
+                                            acc_t pivot, acc_t eps, int64_t classes, acc_t* mass_out,
+                                            acc_t* dot_out) {
+  acc_t mass = 0, dot = 0;
+  if (w == nullptr) {
+#pragma omp simd reduction(+ : mass, dot)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t tw = smoothed_probability(load_as_acc(t[j]), eps, classes);
+      mass += tw;
+      dot += tw * (load_as_acc(z[j]) - pivot);
+    }
+  } else {
+#pragma omp simd reduction(+ : mass, dot)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t tw = w[j] * smoothed_probability(load_as_acc(t[j]), eps, classes);
+      mass += tw;
+      dot += tw * (load_as_acc(z[j]) - pivot);
+    }
+  }
+  *mass_out = mass;
+  *dot_out = dot;
+}
+
+// sum_c w_c t'_c alone (the backward needs it before writing any gradient of the row).
+template <typename target_t, typename acc_t>
+LS_CPU_TARGET_CLONES acc_t chunk_target_mass(const target_t* t, const acc_t* w, int64_t n, acc_t eps,
+                                             int64_t classes) {
+  acc_t mass = 0;
+  if (w == nullptr) {
+#pragma omp simd reduction(+ : mass)
+    for (int64_t j = 0; j < n; ++j) mass += smoothed_probability(load_as_acc(t[j]), eps, classes);
+  } else {
+#pragma omp simd reduction(+ : mass)
+    for (int64_t j = 0; j < n; ++j) mass += w[j] * smoothed_probability(load_as_acc(t[j]), eps, classes);
+  }
+  return mass;
+}
+
+// Class-index gradient of a chunk, without the target's own term (the driver patches that one element):
+//   out_j = prob_scale * exp(z_j - lse) - smooth_scale * w_j
+template <typename scalar_t, typename acc_t>
+LS_CPU_TARGET_CLONES void chunk_class_index_grad(const scalar_t* z, const acc_t* w, scalar_t* out, int64_t n,
+                                                 acc_t lse, ClassIndexGradCoefs<acc_t> coefs) {
+  if (w == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t p = exp_vectorizable(load_as_acc(z[j]) - lse);
+      out[j] = store_from_acc<scalar_t, acc_t>(class_index_grad(coefs, p, acc_t(1), false));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t p = exp_vectorizable(load_as_acc(z[j]) - lse);
+      out[j] = store_from_acc<scalar_t, acc_t>(class_index_grad(coefs, p, w[j], false));
+    }
+  }
+}
+
+// Probability-target gradient of a chunk: out_j = g * (mass * exp(z_j - lse) - w_j t'_j)
+template <typename scalar_t, typename target_t, typename acc_t>
+LS_CPU_TARGET_CLONES void chunk_probability_grad(const scalar_t* z, const target_t* t, const acc_t* w,
+                                                 scalar_t* out, int64_t n, acc_t lse, acc_t g, acc_t mass,
+                                                 acc_t eps, int64_t classes) {
+  if (w == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t p = exp_vectorizable(load_as_acc(z[j]) - lse);
+      const acc_t target_mass = smoothed_probability(load_as_acc(t[j]), eps, classes);
+      out[j] = store_from_acc<scalar_t, acc_t>(probability_grad(g, mass, p, target_mass));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t p = exp_vectorizable(load_as_acc(z[j]) - lse);
+      const acc_t target_mass = w[j] * smoothed_probability(load_as_acc(t[j]), eps, classes);
+      out[j] = store_from_acc<scalar_t, acc_t>(probability_grad(g, mass, p, target_mass));
+    }
+  }
+}
+
+}  // namespace labelsmooth::cpu

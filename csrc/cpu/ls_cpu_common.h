@@ -1,0 +1,79 @@
+// Pieces the CPU forward and backward share: the mapping from torch dtypes to the kernels' element
+// types, the checked class-index targets, the mean's denominator and how rows are spread over threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/ls_simd.h"
+#include "ls_op_common.h"
+
+namespace labelsmooth::cpu {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Calls fn with a null pointer of the kernels' element type for the logits' dtype.
+template <typename Fn>
+void dispatch_logits_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(static_cast<float*>(nullptr));
+    case at::kDouble: return fn(static_cast<double*>(nullptr));
+    case at::kHalf: return fn(static_cast<fp16_bits*>(nullptr));
+    case at::kBFloat16: return fn(static_cast<bf16_bits*>(nullptr));
+    default: TORCH_CHECK(false, "labelsmooth cross_entropy: unsupported logits dtype ", dtype);
+  }
+}
+
+// Probability targets come either in the logits' dtype or in the accumulation dtype (ls_op_common.cpp).
+template <typename scalar_t, typename Fn>
+void dispatch_target_dtype(const at::Tensor& target, at::ScalarType logits_dtype, Fn&& fn) {
+  if (target.scalar_type() == logits_dtype) return fn(static_cast<scalar_t*>(nullptr));
+  return fn(static_cast<acc_type<scalar_t>*>(nullptr));
+}
+
+template <typename T>
+const T* data_as(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mutable_data_as(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows per parallel task: enough logits per task that scheduling costs little.
+inline int64_t row_grain(int64_t classes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(classes, 1)); }
+
+// Raises IndexError for the first class index that is neither in [0, classes) nor ignore_index.
+// Done before any kernel runs, so a bad target never reads out of bounds.
+void check_class_indices(const int64_t* target, int64_t rows, int64_t classes, int64_t ignore_index);
+
+// The mean's denominator for class-index targets: sum of w[y] over rows whose y != ignore_index
+// (their count without weights). Summed in row order in double, so it is the same for any thread count.
+template <typename acc_t>
+acc_t class_index_mean_denominator(const int64_t* target, int64_t rows, const acc_t* weight, int64_t ignore_index) {
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (target[r] == ignore_index) continue;
+    total += weight == nullptr ? 1.0 : static_cast<double>(weight[target[r]]);
+  }
+  return static_cast<acc_t>(total);
+}
+
+// Sum of all weights (K without weights): the W of the row formulas.
+template <typename acc_t>
+acc_t weight_total(const acc_t* weight, int64_t classes) {
+  if (weight == nullptr) return static_cast<acc_t>(classes);
+  double total = 0;
+  for (int64_t c = 0; c < classes; ++c) total += weight[c];
+  return static_cast<acc_t>(total);
+}
+
+}  // namespace labelsmooth::cpu

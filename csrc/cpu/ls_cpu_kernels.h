@@ -1,0 +1,56 @@
+// The CPU implementations of the two labelsmooth ops (arguments already checked by ls_op_common).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#include "cpu/ls_cpu_common.h"
+#include "ls_op_common.h"
+
+namespace labelsmooth::cpu {
+
+// Rows of the logits as the kernels address them: row r = (o, i) starts at o * outer_stride + i and
+// steps by inner between classes. Probability targets are contiguous: o * classes * inner + i.
+template <typename scalar_t, typename target_t, typename acc_t>
+struct RowProblem {
+  const scalar_t* logits;
+  const target_t* target;
+  const acc_t* weight;  // nullptr: all weights 1
+  int64_t outer;
+  int64_t classes;
+  int64_t inner;
+  int64_t outer_stride;
+  acc_t weight_total;
+  acc_t eps;
+  int64_t ignore_index;
+
+  int64_t rows() const { return outer * inner; }
+  const scalar_t* row_logits(int64_t o, int64_t i) const { return logits + o * outer_stride + i; }
+  const target_t* row_target(int64_t o, int64_t i) const { return target + o * classes * inner + i; }
+};
+
+template <typename scalar_t, typename target_t, typename acc_t>
+RowProblem<scalar_t, target_t, acc_t> make_row_problem(const PreparedInputs& in, double label_smoothing,
+                                                       int64_t ignore_index) {
+  const ProblemLayout& layout = in.layout;
+  const acc_t* weight = in.weight.defined() ? reinterpret_cast<const acc_t*>(in.weight.const_data_ptr()) : nullptr;
+  return RowProblem<scalar_t, target_t, acc_t>{reinterpret_cast<const scalar_t*>(in.input.const_data_ptr()),
+                                               reinterpret_cast<const target_t*>(in.target.const_data_ptr()),
+                                               weight,
+                                               layout.outer,
+                                               layout.classes,
+                                               layout.inner,
+                                               layout.outer_stride,
+                                               weight_total(weight, layout.classes),
+                                               static_cast<acc_t>(label_smoothing),
+                                               ignore_index};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double label_smoothing, int64_t ignore_index,
+                                               int64_t reduction);
+
+at::Tensor backward_cpu(const at::Tensor& grad_loss, const PreparedInputs& in, const at::Tensor& lse,
+                        double label_smoothing, int64_t ignore_index, int64_t reduction);
+
+}  // namespace labelsmooth::cpu

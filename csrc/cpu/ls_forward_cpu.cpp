@@ -1,0 +1,233 @@
+// CPU forward: per-row lse and loss, then the reduction.
+//
+// Rows are independent, so threads take whole rows; when there are fewer rows than threads and the
+// rows are long, threads take chunks of rows instead and the chunk results are merged afterwards.
+// Either way every row is cut into the same chunks and merged in the same order: same bits for any
+// thread count.
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "cpu/ls_chunk_kernels.h"
+#include "cpu/ls_cpu_common.h"
+#include "cpu/ls_cpu_kernels.h"
+
+namespace labelsmooth::cpu {
+namespace {
+
+// Logits per tile of the (N, C, d1, ...) layout: one row per lane, lanes adjacent in memory.
+constexpr int64_t kTileLanes = 32;
+
+// Calls finish(r, merged partial) for every active row of a contiguous-rows problem, where
+// chunk_partial(r, begin, n) summarises logits [begin, begin + n) of row r.
+template <typename acc_t, typename IsActive, typename ChunkFn, typename FinishFn>
+void reduce_rows_in_chunks(int64_t rows, int64_t classes, IsActive is_active, ChunkFn chunk_partial,
+                           FinishFn finish) {
+  const int64_t chunks = std::max<int64_t>(1, ceil_div(classes, kChunkElements));
+  auto partial_of = [&](int64_t r, int64_t c) {
+    const int64_t begin = c * kChunkElements;
+    return chunk_partial(r, begin, std::min(kChunkElements, classes - begin));
+  };
+  if (chunks > 1 && rows < at::get_num_threads()) {
+    std::vector<ChunkPartial<acc_t>> partials(rows * chunks);
+    at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        if (is_active(task / chunks)) partials[task] = partial_of(task / chunks, task % chunks);
+      }
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!is_active(r)) continue;
+      ChunkPartial<acc_t> merged = partials[r * chunks];
+      for (int64_t c = 1; c < chunks; ++c) merged = merge_chunk_partials(merged, partials[r * chunks + c]);
+      finish(r, merged);
+    }
+    return;
+  }
+  at::parallel_for(0, rows, row_grain(classes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (!is_active(r)) continue;
+      ChunkPartial<acc_t> merged = partial_of(r, 0);
+      for (int64_t c = 1; c < chunks; ++c) merged = merge_chunk_partials(merged, partial_of(r, c));
+      finish(r, merged);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_class_index_rows(const RowProblem<scalar_t, int64_t, acc_t>& p, acc_t* lse, acc_t* loss) {
+  auto row = [&](int64_t r) { return p.row_logits(r, 0); };
+  reduce_rows_in_chunks<acc_t>(
+      p.rows(), p.classes, [&](int64_t r) { return p.target[r] != p.ignore_index; },
+      [&](int64_t r, int64_t begin, int64_t n) {
+        const scalar_t* z = row(r) + begin;
+        const acc_t pivot = row_pivot(load_as_acc(row(r)[0]));
+        const acc_t m = chunk_max<scalar_t, acc_t>(z, n);
+        const acc_t* w = p.weight == nullptr ? nullptr : p.weight + begin;
+        return ChunkPartial<acc_t>{{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m)},
+                                   chunk_shifted_sum<scalar_t, acc_t>(z, w, n, pivot), acc_t(0)};
+      },
+      [&](int64_t r, const ChunkPartial<acc_t>& merged) {
+        const int64_t y = p.target[r];
+        const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
+        lse[r] = softmax_state_lse(merged.softmax);
+        loss[r] = class_index_row_loss(lse[r], acc_t(load_as_acc(row(r)[y])), w_y, p.weight_total, merged.shifted_sum,
+                                       row_pivot(load_as_acc(row(r)[0])), p.eps, p.classes);
+      });
+}
+
+template <typename scalar_t, typename target_t, typename acc_t>
+void forward_probability_rows(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, acc_t* loss) {
+  auto row = [&](int64_t r) { return p.row_logits(r, 0); };
+  reduce_rows_in_chunks<acc_t>(
+      p.rows(), p.classes, [](int64_t) { return true; },
+      [&](int64_t r, int64_t begin, int64_t n) {
+        const scalar_t* z = row(r) + begin;
+        const acc_t pivot = row_pivot(load_as_acc(row(r)[0]));
+        const acc_t m = chunk_max<scalar_t, acc_t>(z, n);
+        ChunkPartial<acc_t> partial{{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m)}, acc_t(0), acc_t(0)};
+        chunk_target_sums<scalar_t, target_t, acc_t>(z, p.row_target(r, 0) + begin,
+                                                     p.weight == nullptr ? nullptr : p.weight + begin, n, pivot,
+                                                     p.eps, p.classes, &partial.mass, &partial.shifted_sum);
+        return partial;
+      },
+      [&](int64_t r, const ChunkPartial<acc_t>& merged) {
+        lse[r] = softmax_state_lse(merged.softmax);
+        loss[r] = probability_row_loss(lse[r], merged.mass, merged.shifted_sum, row_pivot(load_as_acc(row(r)[0])));
+      });
+}
+
+// One tile of the (N, C, d1, ...) layout: `lanes` consecutive rows i0 .. i0 + lanes - 1 of outer index o,
+// read class by class so every load is contiguous across the lanes. Two passes (max and sums, then
+// sum of exp) over a tile that stays in cache.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+LS_CPU_TARGET_CLONES void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0,
+                                       int64_t lanes, acc_t* lse, acc_t* loss) {
+  const scalar_t* base = p.row_logits(o, i0);
+  const target_t* target_base = kProbability ? p.row_target(o, i0) : nullptr;
+  acc_t pivot[kTileLanes], m[kTileLanes], s[kTileLanes], shifted[kTileLanes], mass[kTileLanes];
+  for (int64_t l = 0; l < lanes; ++l) {
+    pivot[l] = row_pivot(load_as_acc(base[l]));
+    m[l] = -INFINITY;
+    s[l] = shifted[l] = mass[l] = acc_t(0);
+  }
+  for (int64_t c = 0; c < p.classes; ++c) {
+    const scalar_t* zc = base + c * p.inner;
+    const acc_t w_c = p.weight == nullptr ? acc_t(1) : p.weight[c];
+#pragma omp simd
+    for (int64_t l = 0; l < lanes; ++l) {
+      const acc_t x = load_as_acc(zc[l]);
+      m[l] = x > m[l] ? x : m[l];
+      if constexpr (kProbability) {
+        const acc_t tw = w_c * smoothed_probability(acc_t(load_as_acc(target_base[c * p.inner + l])), p.eps, p.classes);
+        mass[l] += tw;
+        shifted[l] += tw * (x - pivot[l]);
+      } else {
+        shifted[l] += w_c * (x - pivot[l]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < p.classes; ++c) {
+    const scalar_t* zc = base + c * p.inner;
+#pragma omp simd
+    for (int64_t l = 0; l < lanes; ++l) {
+      const acc_t e = exp_vectorizable(load_as_acc(zc[l]) - m[l]);
+      s[l] += m[l] == -INFINITY ? acc_t(0) : e;
+    }
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    const int64_t r = o * p.inner + i0 + l;
+    const acc_t row_lse = softmax_state_lse(SoftmaxState<acc_t>{m[l], s[l]});
+    if constexpr (kProbability) {
+      lse[r] = row_lse;
+      loss[r] = probability_row_loss(row_lse, mass[l], shifted[l], pivot[l]);
+    } else {
+      const int64_t y = p.target[r];
+      if (y == p.ignore_index) continue;
+      const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
+      lse[r] = row_lse;
+      loss[r] = class_index_row_loss(row_lse, acc_t(load_as_acc(base[y * p.inner + l])), w_y, p.weight_total,
+                                     shifted[l], pivot[l], p.eps, p.classes);
+    }
+  }
+}
+
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+void forward_tiles(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, acc_t* loss) {
+  const int64_t tiles_per_outer = ceil_div(p.inner, kTileLanes);
+  const int64_t grain = std::max<int64_t>(1, row_grain(p.classes) / kTileLanes);
+  at::parallel_for(0, p.outer * tiles_per_outer, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o = task / tiles_per_outer;
+      const int64_t i0 = (task % tiles_per_outer) * kTileLanes;
+      forward_tile<scalar_t, target_t, acc_t, kProbability>(p, o, i0, std::min(kTileLanes, p.inner - i0), lse, loss);
+    }
+  });
+}
+
+template <typename acc_t>
+acc_t sum_in_row_order(const acc_t* values, int64_t n) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += values[i];
+  return static_cast<acc_t>(total);
+}
+
+}  // namespace
+
+void check_class_indices(const int64_t* target, int64_t rows, int64_t classes, int64_t ignore_index) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = target[r];
+    if (y != ignore_index && (y < 0 || y >= classes)) throw_target_out_of_bounds(y, classes, ignore_index);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double label_smoothing, int64_t ignore_index,
+                                               int64_t reduction) {
+  const ProblemLayout& layout = in.layout;
+  const auto acc_dtype = accumulation_dtype(in.input.scalar_type());
+  const auto options = in.input.options().dtype(acc_dtype);
+  // Ignored rows are never read: their lse and loss stay 0.
+  at::Tensor lse = at::zeros(layout.row_shape, options);
+  at::Tensor row_loss = at::zeros(layout.row_shape, options);
+  at::Tensor denominator;
+
+  dispatch_logits_dtype(in.input.scalar_type(), [&](auto* scalar_tag) {
+    using scalar_t = std::remove_pointer_t<decltype(scalar_tag)>;
+    using acc_t = acc_type<scalar_t>;
+    acc_t* lse_data = mutable_data_as<acc_t>(lse);
+    acc_t* loss_data = mutable_data_as<acc_t>(row_loss);
+    if (layout.probability_target) {
+      dispatch_target_dtype<scalar_t>(in.target, in.input.scalar_type(), [&](auto* target_tag) {
+        using target_t = std::remove_pointer_t<decltype(target_tag)>;
+        const auto p = make_row_problem<scalar_t, target_t, acc_t>(in, label_smoothing, ignore_index);
+        if (layout.inner == 1) {
+          forward_probability_rows(p, lse_data, loss_data);
+        } else {
+          forward_tiles<scalar_t, target_t, acc_t, true>(p, lse_data, loss_data);
+        }
+      });
+      denominator = at::scalar_tensor(static_cast<double>(layout.rows()), options);
+      return;
+    }
+    const auto p = make_row_problem<scalar_t, int64_t, acc_t>(in, label_smoothing, ignore_index);
+    check_class_indices(p.target, p.rows(), p.classes, ignore_index);
+    if (layout.inner == 1) {
+      forward_class_index_rows(p, lse_data, loss_data);
+    } else {
+      forward_tiles<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);
+    }
+    if (reduction == kReductionMean) {
+      denominator = at::scalar_tensor(class_index_mean_denominator(p.target, p.rows(), p.weight, ignore_index), options);
+    }
+  });
+
+  if (reduction == kReductionNone) return {row_loss, lse};
+  at::Tensor total = at::empty({}, options);
+  dispatch_logits_dtype(in.input.scalar_type(), [&](auto* scalar_tag) {
+    using acc_t = acc_type<std::remove_pointer_t<decltype(scalar_tag)>>;
+    total.fill_(sum_in_row_order(row_loss.const_data_ptr<acc_t>(), row_loss.numel()));
+  });
+  if (reduction == kReductionMean) total = total / denominator;
+  return {total, lse};
+}
+
+}  // namespace labelsmooth::cpu

@@ -1,0 +1,87 @@
+"""Fake (meta) implementations, the autograd formula and the autocast rule of the labelsmooth ops.
+
+Registered once, for whichever backend _backend.py defined the ops with.
+"""
+
+import torch
+
+_FORWARD = "labelsmooth::ls_cross_entropy_forward"
+_BACKWARD = "labelsmooth::ls_cross_entropy_backward"
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+
+
+def accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_shape(input):
+    """The input's shape without the class dim (dim 0 of a 1-D input, else dim 1)."""
+    class_dim = 0 if input.dim() == 1 else 1
+    return input.shape[:class_dim] + input.shape[class_dim + 1 :]
+
+
+@torch.library.register_fake(_FORWARD)
+def _forward_fake(input, target, weight, ignore_index, label_smoothing, reduction):
+    acc = accumulation_dtype(input.dtype)
+    rows = row_shape(input)
+    loss = input.new_empty(rows if reduction == REDUCTION_NONE else (), dtype=acc)
+    return loss, input.new_empty(rows, dtype=acc)
+
+
+@torch.library.register_fake(_BACKWARD)
+def _backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing, reduction):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, ignore_index, label_smoothing, reduction = inputs
+    _, lse = output
+    ctx.save_for_backward(input, target, weight, lse)
+    ctx.ignore_index = ignore_index
+    ctx.label_smoothing = label_smoothing
+    ctx.reduction = reduction
+    # lse is saved for the backward, not a result to differentiate.
+    ctx.mark_non_differentiable(lse)
+
+
+def _probability_target_grad(grad_loss, input, weight, lse, label_smoothing, reduction):
+    """d loss / d target for class-probability targets: g_row * (1 - eps) * w_c * (lse_row - z_c)."""
+    class_dim = 0 if input.dim() == 1 else 1
+    acc = lse.dtype
+    rows = lse.numel()
+    if reduction == REDUCTION_NONE:
+        g = grad_loss.to(acc).unsqueeze(class_dim)
+    elif reduction == REDUCTION_MEAN:
+        g = grad_loss.to(acc) / rows
+    else:
+        g = grad_loss.to(acc)
+    grad = (lse.unsqueeze(class_dim) - input.to(acc)) * (g * (1.0 - label_smoothing))
+    if weight is not None:
+        shape = [1] * input.dim()
+        shape[class_dim] = -1
+        grad = grad * weight.to(acc).view(shape)
+    return grad
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    input, target, weight, lse = ctx.saved_tensors
+    grad_input = grad_target = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.labelsmooth.ls_cross_entropy_backward(
+            grad_loss, input, target, weight, lse, ctx.ignore_index, ctx.label_smoothing, ctx.reduction
+        )
+    if ctx.needs_input_grad[1]:
+        grad_target = _probability_target_grad(
+            grad_loss, input, weight, lse, ctx.label_smoothing, ctx.reduction
+        ).to(target.dtype)
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError("labelsmooth_ext: the gradient with respect to `weight` is not implemented")
+    return grad_input, grad_target, None, None, None, None
+
+
+torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
+
+# Autocast: no rule is registered on purpose. Ops without an autocast kernel fall through the autocast
+# dispatch keys, so bf16/fp16 logits reach the kernels as they are (they accumulate in fp32 themselves)
+# and fp32 logits are not cast down. PyTorch's own cross_entropy instead upcasts low-precision logits,
+# a full fp32 copy of the largest tensor in an LLM step.

@@ -1,0 +1,114 @@
+"""Argument checks of the public API, run before any kernel (and at trace time under torch.compile).
+
+The messages and exception types match the C++ checks in csrc/ls_op_common.cpp, which guard direct
+calls of the compiled ops, and PyTorch's own where PyTorch raises. Target *values* are checked by the
+ops themselves, since that needs the data.
+"""
+
+import numbers
+
+import torch
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_CLASS_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+
+def reduction_code(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction (expected 'none', 'mean' or 'sum')")
+    return REDUCTIONS[reduction]
+
+
+def check_label_smoothing(label_smoothing):
+    if not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
+    value = float(label_smoothing)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {value}")
+    return value
+
+
+def check_ignore_index(ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return int(ignore_index)
+
+
+def _shape(t):
+    return list(t.shape)
+
+
+def check_tensors(input, target, weight, ignore_index):
+    """Raises for logits, target or weight that the ops cannot take; returns True for probability targets."""
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"input and target must be tensors, got {type(input).__name__} and {type(target).__name__}"
+        )
+    if not input.dtype.is_floating_point or input.dtype.itemsize == 1:
+        raise NotImplementedError(
+            f"labelsmooth cross_entropy: input (logits) must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
+    if input.dim() == 0:
+        raise RuntimeError(
+            "labelsmooth cross_entropy: input must have a class dimension: shape (C), (N, C) or (N, C, d1, ...), "
+            "got a 0-dim tensor"
+        )
+    if target.device != input.device:
+        raise RuntimeError(f"labelsmooth cross_entropy: target is on {target.device} but input is on {input.device}")
+    class_dim = 0 if input.dim() == 1 else 1
+    classes = input.shape[class_dim]
+    rows = _shape(input)
+    del rows[class_dim]
+    probability = target.shape == input.shape
+    if probability:
+        if not target.dtype.is_floating_point:
+            raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
+        if ignore_index >= 0:
+            raise RuntimeError(
+                f"ignore_index is not supported for floating point target (got ignore_index={ignore_index}; "
+                "class probabilities have no ignored rows)"
+            )
+    else:
+        if target.dtype not in _CLASS_INDEX_DTYPES:
+            raise RuntimeError(
+                f"labelsmooth cross_entropy: expected target to hold class indices (int64, int32 or uint8) of shape "
+                f"{rows}, or class probabilities (floating point) of the input's shape {_shape(input)}; got "
+                f"{target.dtype} of shape {_shape(target)}"
+            )
+        if input.dim() == 2 and target.dim() == 1 and target.shape[0] != input.shape[0]:
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+            )
+        if _shape(target) != rows:
+            raise RuntimeError(
+                f"labelsmooth cross_entropy: expected target of shape {rows} (the input's shape {_shape(input)} "
+                f"without the class dimension), got {_shape(target)}"
+            )
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a tensor or None, got {type(weight).__name__}")
+        if weight.dim() != 1 or weight.shape[0] != classes:
+            raise RuntimeError(
+                f"labelsmooth cross_entropy: weight must be a 1-D tensor with one entry per class ({classes} classes), "
+                f"got shape {_shape(weight)}"
+            )
+        if not weight.dtype.is_floating_point:
+            raise RuntimeError(f"labelsmooth cross_entropy: weight must be floating point, got {weight.dtype}")
+        if weight.device != input.device:
+            raise RuntimeError(f"labelsmooth cross_entropy: weight is on {weight.device} but input is on {input.device}")
+    return probability
+
+
+def check_target_values(target, classes, ignore_index):
+    """IndexError for a class index neither in [0, classes) nor ignore_index (eager: names the value)."""
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(
+            ~bad.any(), f"a target is out of bounds (expected class indices in [0, {classes}) or ignore_index)"
+        )
+        return
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise IndexError(
+            f"Target {value} is out of bounds (expected a class index in [0, {classes}) or ignore_index={ignore_index})."
+        )
