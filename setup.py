@@ -59,7 +59,9 @@ def extension():
     sources = ["csrc/ops.cpp", "csrc/ls_op_common.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for runs on PyTorch's own OpenMP runtime (the torch wheel's libgomp.so.1,
     # which this extension then shares), and it enables the `omp simd` loops.
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -ffp-contract=off: no fused multiply-adds chosen by the compiler, so every instruction-set clone of
+    # the CPU loops (ls_simd.h) rounds the same way and results do not depend on which code path runs.
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off"]
     kwargs = dict(
         name="labelsmooth_ext._C",
         include_dirs=[os.path.join(ROOT, "csrc"), generated],

@@ -81,6 +81,16 @@ def _backward(ctx, grad_loss, grad_lse):
 
 torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
 
+
+def _no_double_backward(ctx, grad_grad_input):
+    raise NotImplementedError(
+        "labelsmooth_ext: double backward (a gradient of the gradient, create_graph=True) is not supported"
+    )
+
+
+# Without this rule autograd would silently treat the backward op as constant (a wrong second derivative).
+torch.library.register_autograd(_BACKWARD, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
 # Autocast: no rule is registered on purpose. Ops without an autocast kernel fall through the autocast
 # dispatch keys, so bf16/fp16 logits reach the kernels as they are (they accumulate in fp32 themselves)
 # and fp32 logits are not cast down. PyTorch's own cross_entropy instead upcasts low-precision logits,

@@ -99,16 +99,22 @@ def check_tensors(input, target, weight, ignore_index):
     return probability
 
 
+def check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction):
+    """All checks of an op call (reduction as its code 0/1/2); returns True for probability targets."""
+    check_ignore_index(ignore_index)
+    check_label_smoothing(label_smoothing)
+    if reduction not in REDUCTIONS.values():
+        raise ValueError(f"labelsmooth cross_entropy: reduction code {reduction} is not valid (expected 0 = none, "
+                         "1 = mean, 2 = sum)")
+    return check_tensors(input, target, weight, ignore_index)
+
+
 def check_target_values(target, classes, ignore_index):
     """IndexError for a class index neither in [0, classes) nor ignore_index (eager: names the value)."""
-    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    expected = f"expected a class index in [0, {classes}) or ignore_index={ignore_index}"
     if torch.compiler.is_compiling():
-        torch._assert_async(
-            ~bad.any(), f"a target is out of bounds (expected class indices in [0, {classes}) or ignore_index)"
-        )
-        return
-    if bool(bad.any()):
-        value = int(target[bad].flatten()[0])
-        raise IndexError(
-            f"Target {value} is out of bounds (expected a class index in [0, {classes}) or ignore_index={ignore_index})."
-        )
+        # Raising needs the value on the host; a compiled graph must not synchronise for it.
+        torch._assert_async(~bad.any(), f"Target is out of bounds ({expected}).")
+    elif bool(bad.any()):
+        raise IndexError(f"Target {int(target[bad].flatten()[0])} is out of bounds ({expected}).")

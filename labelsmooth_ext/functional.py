@@ -27,6 +27,6 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     ignore_index = _validation.check_ignore_index(ignore_index)
     label_smoothing = _validation.check_label_smoothing(label_smoothing)
     code = _validation.reduction_code(reduction)
-    _validation.check_tensors(input, target, weight, ignore_index)
+    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, code)
     loss, _ = torch.ops.labelsmooth.ls_cross_entropy_forward(input, target, weight, ignore_index, label_smoothing, code)
     return loss

@@ -23,64 +23,76 @@ struct RowGrad {
   acc_t operator()(int64_t r) const { return per_row ? grad_loss[r] : grad_loss[0] * scale; }
 };
 
-// Runs fn(r, begin, n) over every chunk of every row, rows and chunks spread over the threads.
-template <typename Fn>
-void for_each_row_chunk(int64_t rows, int64_t classes, Fn fn) {
-  const int64_t chunks = std::max<int64_t>(1, ceil_div(classes, kChunkElements));
-  const int64_t grain = chunks > 1 ? 1 : row_grain(classes);
-  at::parallel_for(0, rows * chunks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk_begin = (task % chunks) * kChunkElements;
-      fn(task / chunks, chunk_begin, std::min(kChunkElements, classes - chunk_begin));
-    }
-  });
-}
-
+// Gradient of logits [begin, begin + n) of row r (class-index target).
 template <typename scalar_t, typename acc_t>
-void backward_class_index_rows(const RowProblem<scalar_t, int64_t, acc_t>& p, const acc_t* lse, RowGrad<acc_t> g,
-                               scalar_t* grad) {
-  for_each_row_chunk(p.rows(), p.classes, [&](int64_t r, int64_t begin, int64_t n) {
-    scalar_t* out = grad + r * p.classes + begin;
-    const int64_t y = p.target[r];
-    if (y == p.ignore_index) {
-      std::fill(out, out + n, store_from_acc<scalar_t, acc_t>(acc_t(0)));
-      return;
-    }
-    const scalar_t* z = p.row_logits(r, 0);
-    const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
-    const auto coefs = class_index_grad_coefs(g(r), w_y, p.weight_total, p.eps, p.classes);
-    chunk_class_index_grad<scalar_t, acc_t>(z + begin, p.weight == nullptr ? nullptr : p.weight + begin, out, n,
-                                            lse[r], coefs);
-    if (y >= begin && y < begin + n) {
-      const acc_t prob = exp_vectorizable(acc_t(load_as_acc(z[y])) - lse[r]);
-      out[y - begin] = store_from_acc<scalar_t, acc_t>(class_index_grad(coefs, prob, w_y, true));
-    }
-  });
-}
-
-template <typename target_t, typename acc_t>
-acc_t row_target_mass(const target_t* t, const acc_t* weight, int64_t classes, acc_t eps) {
-  acc_t mass = 0;
-  for (int64_t begin = 0; begin < classes; begin += kChunkElements) {
-    mass += chunk_target_mass<target_t, acc_t>(t + begin, weight == nullptr ? nullptr : weight + begin,
-                                               std::min(kChunkElements, classes - begin), eps, classes);
+LS_INLINE void class_index_grad_chunk(const RowProblem<scalar_t, int64_t, acc_t>& p, int64_t r, int64_t begin,
+                                      int64_t n, acc_t row_lse, acc_t g, scalar_t* out) {
+  const int64_t y = p.target[r];
+  if (y == p.ignore_index) {
+    for (int64_t j = 0; j < n; ++j) out[j] = store_from_acc<scalar_t, acc_t>(acc_t(0));
+    return;
   }
-  return mass;
+  const scalar_t* z = p.row_logits(r, 0);
+  const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
+  const auto coefs = class_index_grad_coefs(g, w_y, p.weight_total, p.eps, p.classes);
+  chunk_class_index_grad<scalar_t, acc_t>(z + begin, p.weight == nullptr ? nullptr : p.weight + begin, out, n,
+                                          row_lse, coefs);
+  if (y >= begin && y < begin + n) {  // the target's own term, same formula with [j = y] = 1
+    const acc_t prob = exp_vectorizable(acc_t(load_as_acc(z[y])) - row_lse);
+    out[y - begin] = store_from_acc<scalar_t, acc_t>(class_index_grad(coefs, prob, w_y, true));
+  }
 }
 
+// Chunk tasks [begin, end) (task = row * chunks + chunk) of an (N, C) gradient. mass: per-row target
+// mass (probability targets only).
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+LS_CPU_TARGET_CLONES void backward_chunk_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
+                                               int64_t end, const acc_t* lse, RowGrad<acc_t> g, const acc_t* mass,
+                                               scalar_t* grad) {
+  const int64_t chunks = ceil_div(p.classes, kChunkElements);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t r = task / chunks;
+    const int64_t chunk_begin = (task % chunks) * kChunkElements;
+    const int64_t n = std::min(kChunkElements, p.classes - chunk_begin);
+    scalar_t* out = grad + r * p.classes + chunk_begin;
+    if constexpr (kProbability) {
+      chunk_probability_grad<scalar_t, target_t, acc_t>(
+          p.row_logits(r, 0) + chunk_begin, p.row_target(r, 0) + chunk_begin,
+          p.weight == nullptr ? nullptr : p.weight + chunk_begin, out, n, lse[r], g(r), mass[r], p.eps, p.classes);
+    } else {
+      class_index_grad_chunk(p, r, chunk_begin, n, lse[r], g(r), out);
+    }
+  }
+}
+
+// sum_c w_c t'_c of rows [begin, end): the probability-target gradient needs it before its first write.
 template <typename scalar_t, typename target_t, typename acc_t>
-void backward_probability_rows(const RowProblem<scalar_t, target_t, acc_t>& p, const acc_t* lse, RowGrad<acc_t> g,
-                               scalar_t* grad) {
-  // The gradient of a row needs its whole target mass before the first element is written.
-  std::vector<acc_t> mass(p.rows());
-  at::parallel_for(0, p.rows(), row_grain(p.classes), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) mass[r] = row_target_mass(p.row_target(r, 0), p.weight, p.classes, p.eps);
-  });
-  for_each_row_chunk(p.rows(), p.classes, [&](int64_t r, int64_t begin, int64_t n) {
-    chunk_probability_grad<scalar_t, target_t, acc_t>(p.row_logits(r, 0) + begin, p.row_target(r, 0) + begin,
-                                                      p.weight == nullptr ? nullptr : p.weight + begin,
-                                                      grad + r * p.classes + begin, n, lse[r], g(r), mass[r], p.eps,
-                                                      p.classes);
+LS_CPU_TARGET_CLONES void target_mass_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
+                                            int64_t end, acc_t* mass) {
+  for (int64_t r = begin; r < end; ++r) {
+    acc_t total = 0;
+    for (int64_t c = 0; c < p.classes; c += kChunkElements) {
+      total += chunk_target_mass<target_t, acc_t>(p.row_target(r, 0) + c, p.weight == nullptr ? nullptr : p.weight + c,
+                                                  std::min(kChunkElements, p.classes - c), p.eps, p.classes);
+    }
+    mass[r] = total;
+  }
+}
+
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+void backward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, const acc_t* lse, RowGrad<acc_t> g,
+                   scalar_t* grad) {
+  std::vector<acc_t> mass;
+  if constexpr (kProbability) {
+    mass.resize(p.rows());
+    at::parallel_for(0, p.rows(), row_grain(p.classes), [&](int64_t begin, int64_t end) {
+      target_mass_range(p, begin, end, mass.data());
+    });
+  }
+  const int64_t chunks = ceil_div(p.classes, kChunkElements);
+  const int64_t grain = chunks > 1 ? 1 : row_grain(p.classes);
+  at::parallel_for(0, p.rows() * chunks, grain, [&](int64_t begin, int64_t end) {
+    backward_chunk_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, g, mass.data(), grad);
   });
 }
 
@@ -172,7 +184,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const PreparedInputs& in, c
         using target_t = std::remove_pointer_t<decltype(target_tag)>;
         const auto p = make_row_problem<scalar_t, target_t, acc_t>(in, label_smoothing, ignore_index);
         if (layout.inner == 1) {
-          backward_probability_rows(p, lse_data, g, grad_data);
+          backward_rows<scalar_t, target_t, acc_t, true>(p, lse_data, g, grad_data);
         } else {
           backward_tiles<scalar_t, target_t, acc_t, true>(p, lse_data, g, grad_data);
         }
@@ -186,7 +198,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const PreparedInputs& in, c
       g.scale = acc_t(1) / class_index_mean_denominator(p.target, p.rows(), p.weight, ignore_index);
     }
     if (layout.inner == 1) {
-      backward_class_index_rows(p, lse_data, g, grad_data);
+      backward_rows<scalar_t, int64_t, acc_t, false>(p, lse_data, g, grad_data);
     } else {
       backward_tiles<scalar_t, int64_t, acc_t, false>(p, lse_data, g, grad_data);
     }

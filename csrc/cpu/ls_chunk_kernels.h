@@ -1,4 +1,5 @@
-// The vectorized inner loops of the CPU kernels, each over one contiguous chunk of a row.
+// The vectorized inner loops of the CPU kernels, each over one contiguous chunk of a row. They are
+// inlined into the drivers' LS_CPU_TARGET_CLONES functions, so they are compiled once per instruction set.
 //
 // A chunk is small enough to stay in the L1/L2 cache, so the forward makes two passes over it (max,
 // then sum of exp) while reading it from memory once. The drivers cut every row into the same fixed
@@ -25,13 +26,13 @@ struct ChunkPartial {
 };
 
 template <typename acc_t>
-inline ChunkPartial<acc_t> merge_chunk_partials(const ChunkPartial<acc_t>& a, const ChunkPartial<acc_t>& b) {
+LS_INLINE ChunkPartial<acc_t> merge_chunk_partials(const ChunkPartial<acc_t>& a, const ChunkPartial<acc_t>& b) {
   return ChunkPartial<acc_t>{softmax_state_merge(a.softmax, b.softmax), a.shifted_sum + b.shifted_sum,
                              a.mass + b.mass};
 }
 
 template <typename scalar_t, typename acc_t>
-LS_CPU_TARGET_CLONES acc_t chunk_max(const scalar_t* z, int64_t n) {
+LS_INLINE acc_t chunk_max(const scalar_t* z, int64_t n) {
   acc_t m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
@@ -42,7 +43,7 @@ LS_CPU_TARGET_CLONES acc_t chunk_max(const scalar_t* z, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
-LS_CPU_TARGET_CLONES acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max) {
+LS_INLINE acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max) {
   // A chunk of only -inf logits contributes nothing (exp(-inf - -inf) would be NaN).
   if (max == -INFINITY) return acc_t(0);
   acc_t s = 0;
@@ -53,7 +54,7 @@ LS_CPU_TARGET_CLONES acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max
 
 // sum_c w_c (z_c - pivot), with w == nullptr meaning all weights 1.
 template <typename scalar_t, typename acc_t>
-LS_CPU_TARGET_CLONES acc_t chunk_shifted_sum(const scalar_t* z, const acc_t* w, int64_t n, acc_t pivot) {
+LS_INLINE acc_t chunk_shifted_sum(const scalar_t* z, const acc_t* w, int64_t n, acc_t pivot) {
   acc_t s = 0;
   if (w == nullptr) {
 #pragma omp simd reduction(+ : s)
@@ -67,7 +68,7 @@ LS_CPU_TARGET_CLONES acc_t chunk_shifted_sum(const scalar_t* z, const acc_t* w, 
 
 // sum_c w_c t'_c and sum_c w_c t'_c (z_c - pivot) for probability targets t (t' = (1-eps) t + eps/K).
 template <typename scalar_t, typename target_t, typename acc_t>
-LS_CPU_TARGET_CLONES void chunk_target_sums(const scalar_t* z, const target_t* t, const acc_t* w, int64_t n,
+LS_INLINE void chunk_target_sums(const scalar_t* z, const target_t* t, const acc_t* w, int64_t n,
                                             acc_t pivot, acc_t eps, int64_t classes, acc_t* mass_out,
                                             acc_t* dot_out) {
   acc_t mass = 0, dot = 0;
@@ -92,7 +93,7 @@ LS_CPU_TARGET_CLONES void chunk_target_sums(const scalar_t* z, const target_t* t
 
 // sum_c w_c t'_c alone (the backward needs it before writing any gradient of the row).
 template <typename target_t, typename acc_t>
-LS_CPU_TARGET_CLONES acc_t chunk_target_mass(const target_t* t, const acc_t* w, int64_t n, acc_t eps,
+LS_INLINE acc_t chunk_target_mass(const target_t* t, const acc_t* w, int64_t n, acc_t eps,
                                              int64_t classes) {
   acc_t mass = 0;
   if (w == nullptr) {
@@ -108,7 +109,7 @@ LS_CPU_TARGET_CLONES acc_t chunk_target_mass(const target_t* t, const acc_t* w, 
 // Class-index gradient of a chunk, without the target's own term (the driver patches that one element):
 //   out_j = prob_scale * exp(z_j - lse) - smooth_scale * w_j
 template <typename scalar_t, typename acc_t>
-LS_CPU_TARGET_CLONES void chunk_class_index_grad(const scalar_t* z, const acc_t* w, scalar_t* out, int64_t n,
+LS_INLINE void chunk_class_index_grad(const scalar_t* z, const acc_t* w, scalar_t* out, int64_t n,
                                                  acc_t lse, ClassIndexGradCoefs<acc_t> coefs) {
   if (w == nullptr) {
 #pragma omp simd
@@ -127,7 +128,7 @@ LS_CPU_TARGET_CLONES void chunk_class_index_grad(const scalar_t* z, const acc_t*
 
 // Probability-target gradient of a chunk: out_j = g * (mass * exp(z_j - lse) - w_j t'_j)
 template <typename scalar_t, typename target_t, typename acc_t>
-LS_CPU_TARGET_CLONES void chunk_probability_grad(const scalar_t* z, const target_t* t, const acc_t* w,
+LS_INLINE void chunk_probability_grad(const scalar_t* z, const target_t* t, const acc_t* w,
                                                  scalar_t* out, int64_t n, acc_t lse, acc_t g, acc_t mass,
                                                  acc_t eps, int64_t classes) {
   if (w == nullptr) {

@@ -1,9 +1,7 @@
 // CPU forward: per-row lse and loss, then the reduction.
 //
-// Rows are independent, so threads take whole rows; when there are fewer rows than threads and the
-// rows are long, threads take chunks of rows instead and the chunk results are merged afterwards.
-// Either way every row is cut into the same chunks and merged in the same order: same bits for any
-// thread count.
+// Every row is cut into the same chunks and their results merged in the same order whichever thread
+// computes them: same bits for any thread count.
 #include <ATen/ATen.h>
 
 #include <vector>
@@ -18,82 +16,106 @@ namespace {
 // Logits per tile of the (N, C, d1, ...) layout: one row per lane, lanes adjacent in memory.
 constexpr int64_t kTileLanes = 32;
 
-// Calls finish(r, merged partial) for every active row of a contiguous-rows problem, where
-// chunk_partial(r, begin, n) summarises logits [begin, begin + n) of row r.
-template <typename acc_t, typename IsActive, typename ChunkFn, typename FinishFn>
-void reduce_rows_in_chunks(int64_t rows, int64_t classes, IsActive is_active, ChunkFn chunk_partial,
-                           FinishFn finish) {
-  const int64_t chunks = std::max<int64_t>(1, ceil_div(classes, kChunkElements));
-  auto partial_of = [&](int64_t r, int64_t c) {
-    const int64_t begin = c * kChunkElements;
-    return chunk_partial(r, begin, std::min(kChunkElements, classes - begin));
-  };
-  if (chunks > 1 && rows < at::get_num_threads()) {
-    std::vector<ChunkPartial<acc_t>> partials(rows * chunks);
-    at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        if (is_active(task / chunks)) partials[task] = partial_of(task / chunks, task % chunks);
-      }
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+LS_INLINE bool row_is_active(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r) {
+  if constexpr (kProbability) {
+    return true;
+  } else {
+    return p.target[r] != p.ignore_index;  // ignored rows are never read
+  }
+}
+
+// Summary of logits [begin, begin + n) of row r: max and sum of exp, and the target-dependent sums.
+// Never inlined: the whole-row and the split-row schedules must run the very same machine code on a
+// chunk (an inlined copy may be vectorized differently), or results would depend on the thread count.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+__attribute__((noinline)) LS_CPU_TARGET_CLONES ChunkPartial<acc_t> row_chunk_partial(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r,
+                                                int64_t begin, int64_t n) {
+  const scalar_t* row = p.row_logits(r, 0);
+  const scalar_t* z = row + begin;
+  const acc_t pivot = row_pivot(acc_t(load_as_acc(row[0])));
+  const acc_t* w = p.weight == nullptr ? nullptr : p.weight + begin;
+  const acc_t m = chunk_max<scalar_t, acc_t>(z, n);
+  ChunkPartial<acc_t> partial{{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m)}, acc_t(0), acc_t(0)};
+  if constexpr (kProbability) {
+    chunk_target_sums<scalar_t, target_t, acc_t>(z, p.row_target(r, 0) + begin, w, n, pivot, p.eps, p.classes,
+                                                 &partial.mass, &partial.shifted_sum);
+  } else {
+    partial.shifted_sum = chunk_shifted_sum<scalar_t, acc_t>(z, w, n, pivot);
+  }
+  return partial;
+}
+
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+LS_INLINE void finish_row(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r, const ChunkPartial<acc_t>& merged,
+                          acc_t* lse, acc_t* loss) {
+  const scalar_t* row = p.row_logits(r, 0);
+  const acc_t pivot = row_pivot(acc_t(load_as_acc(row[0])));
+  lse[r] = softmax_state_lse(merged.softmax);
+  if constexpr (kProbability) {
+    loss[r] = probability_row_loss(lse[r], merged.mass, merged.shifted_sum, pivot);
+  } else {
+    const int64_t y = p.target[r];
+    const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
+    loss[r] = class_index_row_loss(lse[r], acc_t(load_as_acc(row[y])), w_y, p.weight_total, merged.shifted_sum, pivot,
+                                   p.eps, p.classes);
+  }
+}
+
+LS_INLINE int64_t chunk_length(int64_t classes, int64_t chunk) {
+  return std::min(kChunkElements, classes - chunk * kChunkElements);
+}
+
+// Whole rows [begin, end), one thread: every chunk of a row, merged in chunk order.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+void forward_row_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
+                                            int64_t end, acc_t* lse, acc_t* loss) {
+  const int64_t chunks = ceil_div(p.classes, kChunkElements);
+  for (int64_t r = begin; r < end; ++r) {
+    if (!row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r)) continue;
+    auto merged = row_chunk_partial<scalar_t, target_t, acc_t, kProbability>(p, r, 0, chunk_length(p.classes, 0));
+    for (int64_t c = 1; c < chunks; ++c) {
+      merged = merge_chunk_partials(merged, row_chunk_partial<scalar_t, target_t, acc_t, kProbability>(
+                                                p, r, c * kChunkElements, chunk_length(p.classes, c)));
+    }
+    finish_row<scalar_t, target_t, acc_t, kProbability>(p, r, merged, lse, loss);
+  }
+}
+
+// Chunk tasks [begin, end) of the split-row schedule (task = row * chunks + chunk).
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+void forward_chunk_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
+                                              int64_t end, ChunkPartial<acc_t>* partials) {
+  const int64_t chunks = ceil_div(p.classes, kChunkElements);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t r = task / chunks, c = task % chunks;
+    if (!row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r)) continue;
+    partials[task] = row_chunk_partial<scalar_t, target_t, acc_t, kProbability>(p, r, c * kChunkElements,
+                                                                               chunk_length(p.classes, c));
+  }
+}
+
+// (N, C) layout. Threads take whole rows; when rows are fewer than threads and long, they take chunks
+// of rows instead, and each row's chunk results are merged afterwards in the same order as above.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, acc_t* loss) {
+  const int64_t chunks = ceil_div(p.classes, kChunkElements);
+  if (chunks > 1 && p.rows() < at::get_num_threads()) {
+    std::vector<ChunkPartial<acc_t>> partials(p.rows() * chunks);
+    at::parallel_for(0, p.rows() * chunks, 1, [&](int64_t begin, int64_t end) {
+      forward_chunk_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, partials.data());
     });
-    for (int64_t r = 0; r < rows; ++r) {
-      if (!is_active(r)) continue;
+    for (int64_t r = 0; r < p.rows(); ++r) {
+      if (!row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r)) continue;
       ChunkPartial<acc_t> merged = partials[r * chunks];
       for (int64_t c = 1; c < chunks; ++c) merged = merge_chunk_partials(merged, partials[r * chunks + c]);
-      finish(r, merged);
+      finish_row<scalar_t, target_t, acc_t, kProbability>(p, r, merged, lse, loss);
     }
     return;
   }
-  at::parallel_for(0, rows, row_grain(classes), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      if (!is_active(r)) continue;
-      ChunkPartial<acc_t> merged = partial_of(r, 0);
-      for (int64_t c = 1; c < chunks; ++c) merged = merge_chunk_partials(merged, partial_of(r, c));
-      finish(r, merged);
-    }
+  at::parallel_for(0, p.rows(), row_grain(p.classes), [&](int64_t begin, int64_t end) {
+    forward_row_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, loss);
   });
-}
-
-template <typename scalar_t, typename acc_t>
-void forward_class_index_rows(const RowProblem<scalar_t, int64_t, acc_t>& p, acc_t* lse, acc_t* loss) {
-  auto row = [&](int64_t r) { return p.row_logits(r, 0); };
-  reduce_rows_in_chunks<acc_t>(
-      p.rows(), p.classes, [&](int64_t r) { return p.target[r] != p.ignore_index; },
-      [&](int64_t r, int64_t begin, int64_t n) {
-        const scalar_t* z = row(r) + begin;
-        const acc_t pivot = row_pivot(load_as_acc(row(r)[0]));
-        const acc_t m = chunk_max<scalar_t, acc_t>(z, n);
-        const acc_t* w = p.weight == nullptr ? nullptr : p.weight + begin;
-        return ChunkPartial<acc_t>{{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m)},
-                                   chunk_shifted_sum<scalar_t, acc_t>(z, w, n, pivot), acc_t(0)};
-      },
-      [&](int64_t r, const ChunkPartial<acc_t>& merged) {
-        const int64_t y = p.target[r];
-        const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
-        lse[r] = softmax_state_lse(merged.softmax);
-        loss[r] = class_index_row_loss(lse[r], acc_t(load_as_acc(row(r)[y])), w_y, p.weight_total, merged.shifted_sum,
-                                       row_pivot(load_as_acc(row(r)[0])), p.eps, p.classes);
-      });
-}
-
-template <typename scalar_t, typename target_t, typename acc_t>
-void forward_probability_rows(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, acc_t* loss) {
-  auto row = [&](int64_t r) { return p.row_logits(r, 0); };
-  reduce_rows_in_chunks<acc_t>(
-      p.rows(), p.classes, [](int64_t) { return true; },
-      [&](int64_t r, int64_t begin, int64_t n) {
-        const scalar_t* z = row(r) + begin;
-        const acc_t pivot = row_pivot(load_as_acc(row(r)[0]));
-        const acc_t m = chunk_max<scalar_t, acc_t>(z, n);
-        ChunkPartial<acc_t> partial{{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m)}, acc_t(0), acc_t(0)};
-        chunk_target_sums<scalar_t, target_t, acc_t>(z, p.row_target(r, 0) + begin,
-                                                     p.weight == nullptr ? nullptr : p.weight + begin, n, pivot,
-                                                     p.eps, p.classes, &partial.mass, &partial.shifted_sum);
-        return partial;
-      },
-      [&](int64_t r, const ChunkPartial<acc_t>& merged) {
-        lse[r] = softmax_state_lse(merged.softmax);
-        loss[r] = probability_row_loss(lse[r], merged.mass, merged.shifted_sum, row_pivot(load_as_acc(row(r)[0])));
-      });
 }
 
 // One tile of the (N, C, d1, ...) layout: `lanes` consecutive rows i0 .. i0 + lanes - 1 of outer index o,
@@ -200,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double 
         using target_t = std::remove_pointer_t<decltype(target_tag)>;
         const auto p = make_row_problem<scalar_t, target_t, acc_t>(in, label_smoothing, ignore_index);
         if (layout.inner == 1) {
-          forward_probability_rows(p, lse_data, loss_data);
+          forward_rows<scalar_t, target_t, acc_t, true>(p, lse_data, loss_data);
         } else {
           forward_tiles<scalar_t, target_t, acc_t, true>(p, lse_data, loss_data);
         }
@@ -211,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double 
     const auto p = make_row_problem<scalar_t, int64_t, acc_t>(in, label_smoothing, ignore_index);
     check_class_indices(p.target, p.rows(), p.classes, ignore_index);
     if (layout.inner == 1) {
-      forward_class_index_rows(p, lse_data, loss_data);
+      forward_rows<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);
     } else {
       forward_tiles<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);
     }

@@ -15,6 +15,13 @@
 #define LS_CPU_TARGET_CLONES
 #endif
 
+// Helpers called from inside the cloned loops must be inlined there to get the clone's instruction set.
+#if defined(__GNUC__)
+#define LS_INLINE inline __attribute__((always_inline))
+#else
+#define LS_INLINE inline
+#endif
+
 namespace labelsmooth::cpu {
 
 // bfloat16 storage as the kernels see it: the upper half of a float32.
@@ -25,10 +32,10 @@ struct bf16_bits {
 // fp16 storage. GCC's _Float16 converts with F16C instructions where the CPU has them.
 using fp16_bits = _Float16;
 
-inline float load_as_acc(float x) { return x; }
-inline double load_as_acc(double x) { return x; }
-inline float load_as_acc(fp16_bits x) { return static_cast<float>(x); }
-inline float load_as_acc(bf16_bits x) {
+LS_INLINE float load_as_acc(float x) { return x; }
+LS_INLINE double load_as_acc(double x) { return x; }
+LS_INLINE float load_as_acc(fp16_bits x) { return static_cast<float>(x); }
+LS_INLINE float load_as_acc(bf16_bits x) {
   const uint32_t widened = static_cast<uint32_t>(x.bits) << 16;
   float f;
   std::memcpy(&f, &widened, sizeof(f));
@@ -36,16 +43,16 @@ inline float load_as_acc(bf16_bits x) {
 }
 
 template <typename scalar_t, typename acc_t>
-inline scalar_t store_from_acc(acc_t x);
+LS_INLINE scalar_t store_from_acc(acc_t x);
 
 template <>
-inline float store_from_acc<float, float>(float x) { return x; }
+LS_INLINE float store_from_acc<float, float>(float x) { return x; }
 template <>
-inline double store_from_acc<double, double>(double x) { return x; }
+LS_INLINE double store_from_acc<double, double>(double x) { return x; }
 template <>
-inline fp16_bits store_from_acc<fp16_bits, float>(float x) { return static_cast<fp16_bits>(x); }
+LS_INLINE fp16_bits store_from_acc<fp16_bits, float>(float x) { return static_cast<fp16_bits>(x); }
 template <>
-inline bf16_bits store_from_acc<bf16_bits, float>(float x) {
+LS_INLINE bf16_bits store_from_acc<bf16_bits, float>(float x) {
   // Round to nearest even, as c10::BFloat16 does; NaN stays a (quiet) NaN.
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
@@ -57,7 +64,7 @@ inline bf16_bits store_from_acc<bf16_bits, float>(float x) {
 // exp(x) for float, branch-free so that loops calling it vectorize. Cephes' expf polynomial: about
 // 1 ulp on the range the kernels use (x <= 0: arguments are z - max or z - lse). Arguments below
 // -87.3 give exactly 0 (as a -inf logit must), NaN stays NaN; the top is clamped at 88 (never reached here).
-inline float exp_vectorizable(float x) {
+LS_INLINE float exp_vectorizable(float x) {
   constexpr float kLowest = -87.33654475f;
   constexpr float kHighest = 88.0f;
   constexpr float kLog2e = 1.44269504088896341f;
@@ -84,6 +91,6 @@ inline float exp_vectorizable(float x) {
 }
 
 // fp64 is the reference-precision path: the library exp keeps it exact rather than fast.
-inline double exp_vectorizable(double x) { return __builtin_exp(x); }
+LS_INLINE double exp_vectorizable(double x) { return __builtin_exp(x); }
 
 }  // namespace labelsmooth::cpu

@@ -1,0 +1,403 @@
+"""Benchmark labelsmooth_ext.cross_entropy against its peers, relative to the machine's copy bandwidth.
+
+For each shape x dtype: forward, backward and forward+backward times (medians), the peak extra memory of
+one forward+backward, and the time of one copy of the logits. Prints a table per case and appends one CSV
+row per (implementation, phase). See bench/README.md for the columns and how to read them.
+"""
+
+import argparse
+import csv
+import datetime
+import functools
+import math
+import os
+import platform
+import statistics
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import labelsmooth_ext
+
+IGNORE_INDEX = -100
+IGNORED_ROW_STRIDE = 50  # every 50th row is ignored, so the ignore path is part of what is timed
+WARMUP_STEPS = 3  # torch.compile compiles forward and backward during the first steps
+DEFAULT_REPEATS = 20
+QUICK_REPEATS = 3
+DEFAULT_SHAPES = {
+    "cpu": "65536x10,8192x1000,2048x32000,512x128256",
+    "cuda": "262144x10,65536x1000,16384x32000,16384x128256,8192x256000",
+}
+QUICK_SHAPES = "512x10,64x1000,16x32000"
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.csv"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (rel, abs) tolerance on the mean loss of ours vs eager on the fp32 upcast of the same logits. Both
+# compute in fp32 from the same values and ours returns an fp32 loss for half-precision logits, so only
+# the order of summation differs, whatever the input dtype.
+LOSS_REL_TOL, LOSS_ABS_TOL = 1e-4, 1e-5
+# Bytes a fused implementation must move per phase, in units of the logits' size: the forward reads
+# them; the backward reads them and writes the gradient. A copy moves 2 units.
+PHASE_TRAFFIC = {"forward": 1, "backward": 2, "fwd+bwd": 3}
+COPY_TRAFFIC = 2
+# Liger writes the gradient into its input during the forward, so it gets a private copy of the logits
+# rather than rewriting the ones the other implementations read.
+OVERWRITES_LOGITS = {"liger"}
+CSV_COLUMNS = [
+    "date", "machine", "torch", "labelsmooth_ext", "backend", "liger_kernel", "device", "dtype",
+    "N", "K", "impl", "phase", "median_ms", "peak_mem_bytes", "bandwidth_fraction", "ratio_vs_ours",
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", type=parse_dtypes, default="fp32,bf16",
+                        help=f"comma-separated, from {','.join(DTYPES)}")
+    parser.add_argument("--shapes", type=parse_shapes, help="comma-separated NxK; default depends on --device")
+    parser.add_argument("--repeats", type=int, help=f"timed repeats per case (default {DEFAULT_REPEATS})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: shapes {QUICK_SHAPES}, {QUICK_REPEATS} repeats, no CSV unless --results")
+    parser.add_argument("--results", type=Path,
+                        help=f"CSV to append to (default {DEFAULT_RESULTS.name} next to this script)")
+    parser.add_argument("--eps", type=float, default=0.1, help="label smoothing")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    args.shapes = args.shapes or parse_shapes(QUICK_SHAPES if args.quick else DEFAULT_SHAPES[args.device])
+    args.repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    # A smoke test's numbers must not end up next to recorded results by accident.
+    if args.results is None and not args.quick:
+        args.results = DEFAULT_RESULTS
+    return args
+
+
+def parse_shapes(text):
+    try:
+        shapes = [tuple(int(size) for size in shape.lower().split("x")) for shape in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated NxK with positive N and K, got {text!r}")
+    return shapes
+
+
+def parse_dtypes(text):
+    names = text.split(",")
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtypes {unknown}; known: {', '.join(DTYPES)}")
+    return names
+
+
+def describe_machine(device):
+    """The hardware, without the host's name: GPU name and SM count, or CPU model and usable cores."""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return f"{props.name}, {props.multi_processor_count} SMs"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads"
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def liger_loss_or_reason(eps):
+    """Liger's loss module, or why it cannot be measured here."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except Exception as exc:  # missing, or installed but broken against this torch/triton
+        return None, f"liger_kernel does not import ({exc})"
+    return LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX, label_smoothing=eps, reduction="mean"), None
+
+
+def liger_version():
+    try:
+        return version("liger-kernel")
+    except PackageNotFoundError:
+        return ""
+
+
+def run_context(device, info):
+    """The CSV columns shared by every row of this run."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(device),
+        "torch": torch.__version__,
+        "labelsmooth_ext": info["version"],
+        "backend": info["backend"],
+        "liger_kernel": liger_version() if device == "cuda" else "",
+        "device": device,
+    }
+
+
+def make_inputs(n, k, dtype, device):
+    torch.manual_seed(0)
+    logits = torch.randn(n, k, dtype=dtype, device=device).requires_grad_()
+    target = torch.randint(0, k, (n,), device=device)
+    target[::IGNORED_ROW_STRIDE] = IGNORE_INDEX
+    return logits, target
+
+
+def build_loss_fns(device, eps):
+    """The implementations to compare, each taking (logits, target); also the reasons for any left out."""
+    common = {"ignore_index": IGNORE_INDEX, "reduction": "mean", "label_smoothing": eps}
+    # A fresh compile per case: dynamic=False specialises to the shape, as a training loop would see it,
+    # and resetting keeps earlier cases from using up the recompile limit.
+    torch._dynamo.reset()
+    loss_fns = {
+        "ours": functools.partial(labelsmooth_ext.cross_entropy, **common),
+        "eager": functools.partial(F.cross_entropy, **common),
+        "compile": functools.partial(torch.compile(F.cross_entropy, dynamic=False), **common),
+    }
+    unavailable = {}
+    if device == "cuda":
+        liger_loss, reason = liger_loss_or_reason(eps)
+        if liger_loss is None:
+            unavailable["liger"] = reason
+        else:
+            loss_fns["liger"] = liger_loss
+    return loss_fns, unavailable
+
+
+class LossMismatch(Exception):
+    """Ours and eager disagree on the loss: timings of a wrong result are worthless, so the case is skipped."""
+
+
+def check_loss_agreement(loss_fns, logits, target):
+    """Raises LossMismatch unless ours and eager agree on the loss.
+    Eager runs on the fp32 upcast: in half precision it reduces in the input dtype (about 1% off in bf16
+    on CPU, inf in fp16 once the sum over rows passes 65504), which would hide or fake a mismatch."""
+    with torch.no_grad():
+        ours = loss_fns["ours"](logits, target).float().item()
+        eager = loss_fns["eager"](logits.float(), target).item()
+    if not math.isclose(ours, eager, rel_tol=LOSS_REL_TOL, abs_tol=LOSS_ABS_TOL):
+        raise LossMismatch(f"loss ours={ours:.7g} vs eager on fp32 logits={eager:.7g} "
+                           f"(rel_tol={LOSS_REL_TOL}, abs_tol={LOSS_ABS_TOL})")
+
+
+def make_clock(device):
+    """mark() -> timestamp and elapsed_ms(a, b). On CUDA, events time the GPU's work, not the launches;
+    reading an interval waits for its end, so no two measured steps overlap."""
+    if device == "cuda":
+        def mark():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+
+        def elapsed_ms(start, end):
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def mark():
+            return time.perf_counter()
+
+        def elapsed_ms(start, end):
+            return (end - start) * 1e3
+    return mark, elapsed_ms
+
+
+def training_step(loss_fn, logits, target):
+    # autograd.grad rather than backward(): accumulating into .grad would add a read-modify-write of the
+    # gradient to every step after the first.
+    (grad,) = torch.autograd.grad(loss_fn(logits, target), logits)
+    return grad
+
+
+def timed_step(loss_fn, logits, target, clock):
+    mark, elapsed_ms = clock
+    start = mark()
+    loss = loss_fn(logits, target)
+    middle = mark()
+    torch.autograd.grad(loss, logits)
+    end = mark()
+    forward, backward = elapsed_ms(start, middle), elapsed_ms(middle, end)
+    return {"forward": forward, "backward": backward, "fwd+bwd": forward + backward}
+
+
+def timed_copy(source, destination, clock):
+    mark, elapsed_ms = clock
+    start = mark()
+    destination.copy_(source)
+    end = mark()
+    return {"copy": elapsed_ms(start, end)}
+
+
+def warm_up(runners):
+    """Runs each implementation a few times and drops the peers that fail, returning why they failed.
+    A failure of ours is a bug in what is being measured, so it is raised."""
+    unavailable = {}
+    for name, run in list(runners.items()):
+        try:
+            for _ in range(WARMUP_STEPS):
+                run()
+        except Exception as exc:
+            if name == "ours":
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            unavailable[name] = f"{type(exc).__name__}: {first_line}"
+            del runners[name]
+    return unavailable
+
+
+def median_times(runners, repeats):
+    """Median ms per implementation and phase. Every repeat runs every implementation once, so drift in
+    clocks or load hits all alike; the order rotates so none always follows the same neighbour."""
+    samples = {name: {} for name in runners}
+    names = list(runners)
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            for phase, ms in runners[name]().items():
+                samples[name].setdefault(phase, []).append(ms)
+    return {name: {phase: statistics.median(times) for phase, times in phases.items()}
+            for name, phases in samples.items()}
+
+
+def peak_step_bytes(loss_fn, logits, target, device):
+    """Peak bytes allocated on top of what existed before one forward+backward (the gradient included)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        training_step(loss_fn, logits, target)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return peak_cpu_step_bytes(loss_fn, logits, target)
+
+
+def peak_cpu_step_bytes(loss_fn, logits, target):
+    """The CPU allocator keeps no statistics, so replay its allocation and free events from the profiler:
+    the peak of their running sum is the most tensor memory the step held at once. The raw event stream
+    is used because the public event list folds allocations into per-op totals and loses their order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        training_step(loss_fn, logits, target)
+    events = sorted((event.start_ns(), event.nbytes())
+                    for event in prof.profiler.kineto_results.events() if event.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def bench_case(n, k, dtype, device, repeats, eps):
+    """Result rows for one shape and dtype, and the reasons for any peers left out."""
+    logits, target = make_inputs(n, k, dtype, device)
+    loss_fns, unavailable = build_loss_fns(device, eps)
+    check_loss_agreement(loss_fns, logits, target)
+    logits_for = {name: logits.detach().clone().requires_grad_() if name in OVERWRITES_LOGITS else logits
+                  for name in loss_fns}
+    clock = make_clock(device)
+    runners = {name: functools.partial(timed_step, fn, logits_for[name], target, clock)
+               for name, fn in loss_fns.items()}
+    runners["copy"] = functools.partial(timed_copy, logits.detach(), torch.empty_like(logits), clock)
+    unavailable.update(warm_up(runners))
+    medians = median_times(runners, repeats)
+    peaks = {name: peak_step_bytes(loss_fns[name], logits_for[name], target, device)
+             for name in medians if name != "copy"}
+    return summarize(medians, peaks, logits.numel() * logits.element_size()), unavailable
+
+
+def summarize(medians, peaks, logits_bytes):
+    """One row per (implementation, phase); bandwidth is relative to the copy measured in the same run."""
+    copy_ms = medians["copy"]["copy"]
+    copy_bytes_per_ms = COPY_TRAFFIC * logits_bytes / copy_ms
+    rows = [{"impl": "copy", "phase": "copy", "median_ms": copy_ms, "peak_mem_bytes": None,
+             "bandwidth_fraction": 1.0, "ratio_vs_ours": None}]
+    for phase, traffic in PHASE_TRAFFIC.items():
+        for impl in peaks:
+            ms = medians[impl][phase]
+            rows.append({
+                "impl": impl, "phase": phase, "median_ms": ms,
+                # Peak memory is measured over the whole step, so it belongs to the fwd+bwd row.
+                "peak_mem_bytes": peaks[impl] if phase == "fwd+bwd" else None,
+                "bandwidth_fraction": traffic * logits_bytes / ms / copy_bytes_per_ms,
+                "ratio_vs_ours": ms / medians["ours"][phase],
+            })
+    return rows
+
+
+def print_table(rows, unavailable):
+    copy_ms = rows[0]["median_ms"]
+    print(f"  {'impl':<8} {'phase':<8} {'median ms':>10} {'x ours':>7} {'bw frac':>8} {'/copy':>7} {'peak MiB':>9}")
+    for row in rows:
+        ratio = "" if row["ratio_vs_ours"] is None else f"{row['ratio_vs_ours']:.2f}"
+        peak = "" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.1f}"
+        print(f"  {row['impl']:<8} {row['phase']:<8} {row['median_ms']:>10.4f} {ratio:>7} "
+              f"{row['bandwidth_fraction']:>8.3f} {row['median_ms'] / copy_ms:>7.2f} {peak:>9}")
+    for name, reason in unavailable.items():
+        print(f"  {name:<8} unavailable: {reason}")
+
+
+def check_results_header(path):
+    """Appending rows under a different header would silently misalign columns."""
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as results:
+            header = next(csv.reader(results))
+        if header != CSV_COLUMNS:
+            raise SystemExit(f"{path} has columns {header}, this script writes {CSV_COLUMNS}; use another --results")
+
+
+def append_rows(path, context, rows):
+    write_header = not path.exists() or not path.stat().st_size
+    with open(path, "a", newline="") as results:
+        writer = csv.DictWriter(results, fieldnames=CSV_COLUMNS)
+        if write_header:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**context, **{key: csv_value(value) for key, value in row.items()}})
+
+
+def csv_value(value):
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.results:
+        check_results_header(args.results)
+    info = labelsmooth_ext.backend_info()
+    context = run_context(args.device, info)
+    print(f"{context['machine']} | torch {context['torch']} | labelsmooth_ext {context['labelsmooth_ext']} "
+          f"({context['backend']}: {info['reason']})")
+    print(f"label_smoothing={args.eps}, reduction=mean, every {IGNORED_ROW_STRIDE}th row ignored, "
+          f"median of {args.repeats} repeats")
+    print("x ours: time / ours' time.  bw frac: (phase bytes / time) / (copy bytes / copy time), with phase bytes = "
+          "1x (fwd), 2x (bwd), 3x (fwd+bwd) the logits.  /copy: time / copy time.")
+    cases = [(shape, dtype) for shape in args.shapes for dtype in args.dtypes]
+    for index, ((n, k), dtype_name) in enumerate(cases, 1):
+        print(f"[{index}/{len(cases)}] {dtype_name} N={n} K={k}", flush=True)
+        try:
+            rows, unavailable = bench_case(n, k, DTYPES[dtype_name], args.device, args.repeats, args.eps)
+        except LossMismatch as mismatch:
+            print(f"  SKIPPED (not timed), ours and eager disagree: {mismatch}", flush=True)
+            continue
+        print_table(rows, unavailable)
+        if args.results:
+            append_rows(args.results, {**context, "dtype": dtype_name, "N": n, "K": k}, rows)
+    if args.device == "cuda":
+        memory_meaning = "torch.cuda.max_memory_allocated above what was allocated before the step"
+    else:
+        memory_meaning = ("peak of PyTorch's CPU tensor allocations minus frees during the step (profiler events); "
+                          "memory a kernel takes outside PyTorch's allocator is not seen")
+    print(f"peak MiB: extra memory of one forward+backward, gradient included: {memory_meaning}.")
+    if args.results:
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
