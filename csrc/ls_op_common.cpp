@@ -104,9 +104,11 @@ PreparedInputs prepare_forward_inputs(const at::Tensor& input, const at::Tensor&
   layout.outer = input.dim() == 1 ? 1 : input.size(0);
   layout.inner = 1;
   for (int64_t d = 2; d < input.dim(); ++d) layout.inner *= input.size(d);
-  TORCH_CHECK(layout.classes > 0 || layout.rows() == 0,
+  // With no classes, class indices can only be ignore_index (the kernels' target check raises
+  // IndexError otherwise, as PyTorch does); probabilities over no classes mean nothing.
+  TORCH_CHECK(layout.classes > 0 || layout.rows() == 0 || !layout.probability_target,
               "labelsmooth cross_entropy: input has no classes (size 0 at dim ", class_dim, ") but ", layout.rows(),
-              " rows");
+              " rows of class probabilities");
 
   // (N, C) logits sliced from a wider buffer (a padded vocabulary, say) are read in place: only the
   // element stride must be 1. Everything else is made contiguous.

@@ -5,6 +5,8 @@ Registered once, for whichever backend _backend.py defined the ops with.
 
 import torch
 
+from . import _validation
+
 _FORWARD = "labelsmooth::ls_cross_entropy_forward"
 _BACKWARD = "labelsmooth::ls_cross_entropy_backward"
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
@@ -20,8 +22,11 @@ def row_shape(input):
     return input.shape[:class_dim] + input.shape[class_dim + 1 :]
 
 
+# The fakes check the arguments too: they also serve as the Meta kernel, which the dispatcher picks
+# for a call in which any tensor is on the meta device.
 @torch.library.register_fake(_FORWARD)
 def _forward_fake(input, target, weight, ignore_index, label_smoothing, reduction):
+    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
     acc = accumulation_dtype(input.dtype)
     rows = row_shape(input)
     loss = input.new_empty(rows if reduction == REDUCTION_NONE else (), dtype=acc)
@@ -30,6 +35,7 @@ def _forward_fake(input, target, weight, ignore_index, label_smoothing, reductio
 
 @torch.library.register_fake(_BACKWARD)
 def _backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing, reduction):
+    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 

@@ -5,6 +5,7 @@ calls of the compiled ops, and PyTorch's own where PyTorch raises. Target *value
 ops themselves, since that needs the data.
 """
 
+import math
 import numbers
 
 import torch
@@ -60,6 +61,11 @@ def check_tensors(input, target, weight, ignore_index):
     rows = _shape(input)
     del rows[class_dim]
     probability = target.shape == input.shape
+    if probability and classes == 0 and math.prod(rows) > 0:
+        raise RuntimeError(
+            f"labelsmooth cross_entropy: input has no classes (size 0 at dim {class_dim}) but {rows} rows of class "
+            "probabilities"
+        )
     if probability:
         if not target.dtype.is_floating_point:
             raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")

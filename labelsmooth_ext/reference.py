@@ -53,6 +53,8 @@ def _row_chunks(row_shape: tuple[int, ...], num_classes: int) -> list[tuple]:
     Indexing the original dims (instead of flattening the rows) keeps every chunk a view of the
     input, whatever its strides."""
     chunks: list[tuple] = []
+    if num_classes == 0:  # no logits to read (all rows are ignored; the caller checked the targets)
+        return chunks
 
     def split(prefix: tuple, dims: tuple[int, ...]) -> None:
         if not dims or math.prod(dims) * num_classes <= CHUNK_LOGITS:
@@ -191,8 +193,8 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
         target_source = target.to(torch.int64)
         _validation.check_target_values(target_source, num_classes, ignore_index)
 
-    loss_rows = torch.empty(row_shape, dtype=acc, device=input.device)
-    lse_rows = torch.empty(row_shape, dtype=acc, device=input.device)
+    loss_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
+    lse_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
     for index in _row_chunks(row_shape, num_classes):
         logits = _rows_of(class_last[index], num_classes, acc)
         if probability:

@@ -1,8 +1,8 @@
 // The vectorized inner loops of the CPU kernels, each over one contiguous chunk of a row. They are
 // inlined into the drivers' LS_CPU_TARGET_CLONES functions, so they are compiled once per instruction set.
 //
-// A chunk is small enough to stay in the L1/L2 cache, so the forward makes two passes over it (max,
-// then sum of exp) while reading it from memory once. The drivers cut every row into the same fixed
+// A chunk is small enough to stay in the L1/L2 cache, so the forward makes two passes over it (max and
+// sums, then sum of exp) while reading it from memory once. The drivers cut every row into the same fixed
 // chunks whatever the thread count and merge the per-chunk results in chunk order, which is what makes
 // the results bit-identical for any number of threads.
 #pragma once
@@ -32,17 +32,6 @@ LS_INLINE ChunkPartial<acc_t> merge_chunk_partials(const ChunkPartial<acc_t>& a,
 }
 
 template <typename scalar_t, typename acc_t>
-LS_INLINE acc_t chunk_max(const scalar_t* z, int64_t n) {
-  acc_t m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t x = load_as_acc(z[j]);
-    m = x > m ? x : m;
-  }
-  return m;
-}
-
-template <typename scalar_t, typename acc_t>
 LS_INLINE acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max) {
   // A chunk of only -inf logits contributes nothing (exp(-inf - -inf) would be NaN).
   if (max == -INFINITY) return acc_t(0);
@@ -52,41 +41,57 @@ LS_INLINE acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max) {
   return s;
 }
 
-// sum_c w_c (z_c - pivot), with w == nullptr meaning all weights 1.
+// The chunk's max, and sum_c w_c (z_c - pivot) (w == nullptr: all weights 1), in one pass.
 template <typename scalar_t, typename acc_t>
-LS_INLINE acc_t chunk_shifted_sum(const scalar_t* z, const acc_t* w, int64_t n, acc_t pivot) {
-  acc_t s = 0;
+LS_INLINE void chunk_max_and_shifted_sum(const scalar_t* z, const acc_t* w, int64_t n, acc_t pivot, acc_t* max_out,
+                                         acc_t* sum_out) {
+  acc_t m = -INFINITY, s = 0;
   if (w == nullptr) {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) s += load_as_acc(z[j]) - pivot;
+#pragma omp simd reduction(max : m) reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t x = load_as_acc(z[j]);
+      m = x > m ? x : m;
+      s += x - pivot;
+    }
   } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) s += w[j] * (load_as_acc(z[j]) - pivot);
+#pragma omp simd reduction(max : m) reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t x = load_as_acc(z[j]);
+      m = x > m ? x : m;
+      s += w[j] * (x - pivot);
+    }
   }
-  return s;
+  *max_out = m;
+  *sum_out = s;
 }
 
-// sum_c w_c t'_c and sum_c w_c t'_c (z_c - pivot) for probability targets t (t' = (1-eps) t + eps/K).
+// The chunk's max, sum_c w_c t'_c and sum_c w_c t'_c (z_c - pivot) for probability targets t
+// (t' = (1-eps) t + eps/K), in one pass.
 template <typename scalar_t, typename target_t, typename acc_t>
 LS_INLINE void chunk_target_sums(const scalar_t* z, const target_t* t, const acc_t* w, int64_t n,
-                                            acc_t pivot, acc_t eps, int64_t classes, acc_t* mass_out,
-                                            acc_t* dot_out) {
-  acc_t mass = 0, dot = 0;
+                                            acc_t pivot, acc_t eps, int64_t classes, acc_t* max_out,
+                                            acc_t* mass_out, acc_t* dot_out) {
+  acc_t m = -INFINITY, mass = 0, dot = 0;
   if (w == nullptr) {
-#pragma omp simd reduction(+ : mass, dot)
+#pragma omp simd reduction(max : m) reduction(+ : mass, dot)
     for (int64_t j = 0; j < n; ++j) {
+      const acc_t x = load_as_acc(z[j]);
       const acc_t tw = smoothed_probability(load_as_acc(t[j]), eps, classes);
+      m = x > m ? x : m;
       mass += tw;
-      dot += tw * (load_as_acc(z[j]) - pivot);
+      dot += tw * (x - pivot);
     }
   } else {
-#pragma omp simd reduction(+ : mass, dot)
+#pragma omp simd reduction(max : m) reduction(+ : mass, dot)
     for (int64_t j = 0; j < n; ++j) {
+      const acc_t x = load_as_acc(z[j]);
       const acc_t tw = w[j] * smoothed_probability(load_as_acc(t[j]), eps, classes);
+      m = x > m ? x : m;
       mass += tw;
-      dot += tw * (load_as_acc(z[j]) - pivot);
+      dot += tw * (x - pivot);
     }
   }
+  *max_out = m;
   *mass_out = mass;
   *dot_out = dot;
 }

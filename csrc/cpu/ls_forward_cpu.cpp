@@ -35,14 +35,15 @@ __attribute__((noinline)) LS_CPU_TARGET_CLONES ChunkPartial<acc_t> row_chunk_par
   const scalar_t* z = row + begin;
   const acc_t pivot = row_pivot(acc_t(load_as_acc(row[0])));
   const acc_t* w = p.weight == nullptr ? nullptr : p.weight + begin;
-  const acc_t m = chunk_max<scalar_t, acc_t>(z, n);
-  ChunkPartial<acc_t> partial{{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m)}, acc_t(0), acc_t(0)};
+  ChunkPartial<acc_t> partial{};
+  acc_t m;
   if constexpr (kProbability) {
-    chunk_target_sums<scalar_t, target_t, acc_t>(z, p.row_target(r, 0) + begin, w, n, pivot, p.eps, p.classes,
+    chunk_target_sums<scalar_t, target_t, acc_t>(z, p.row_target(r, 0) + begin, w, n, pivot, p.eps, p.classes, &m,
                                                  &partial.mass, &partial.shifted_sum);
   } else {
-    partial.shifted_sum = chunk_shifted_sum<scalar_t, acc_t>(z, w, n, pivot);
+    chunk_max_and_shifted_sum<scalar_t, acc_t>(z, w, n, pivot, &m, &partial.shifted_sum);
   }
+  partial.softmax = SoftmaxState<acc_t>{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m)};
   return partial;
 }
 
@@ -232,7 +233,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double 
     }
     const auto p = make_row_problem<scalar_t, int64_t, acc_t>(in, label_smoothing, ignore_index);
     check_class_indices(p.target, p.rows(), p.classes, ignore_index);
-    if (layout.inner == 1) {
+    if (p.classes == 0) {
+      // Every row is ignored (the check above allows nothing else): nothing to read.
+    } else if (layout.inner == 1) {
       forward_rows<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);
     } else {
       forward_tiles<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);

@@ -2,7 +2,7 @@
 // launch of the CUDA kernels on the current stream (no host synchronization, so the ops can be
 // captured in CUDA graphs).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> ls_cross_entropy_forward_cuda(const at::Tenso
   const cuda::Problem problem = make_problem(layout, ignore_index, label_smoothing, reduction);
   at::Tensor scratch =
       at::empty({cuda::forward_scratch_elements(problem, prepared.input.element_size())}, acc_options);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_logits_type(input.scalar_type(), [&](auto* logits_tag) {
     using scalar_t = std::remove_pointer_t<decltype(logits_tag)>;
@@ -143,7 +143,7 @@ at::Tensor ls_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at:
   const ProblemLayout& layout = prepared.layout;
   at::Tensor grad_input = at::empty(input.sizes(), input.options());  // contiguous
   const cuda::Problem problem = make_problem(layout, ignore_index, label_smoothing, reduction);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_logits_type(input.scalar_type(), [&](auto* logits_tag) {
     using scalar_t = std::remove_pointer_t<decltype(logits_tag)>;
