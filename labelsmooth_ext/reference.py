@@ -176,17 +176,23 @@ def _probability_chunk_forward(logits: Tensor, target: Tensor, weight: Tensor | 
     return mass * (lse - pivot) - shifted_dot, lse
 
 
+def _problem(input: Tensor, target: Tensor, weight: Tensor | None):
+    """What both ops need to know about their arguments: the accumulation dtype, the class dim and
+    count, the logits with the class dim last (a view), the row shape, the weights in the accumulation
+    dtype, and whether the targets are probabilities."""
+    acc = _accumulation_dtype(input)
+    class_dim = _class_dim(input)
+    class_last = input.movedim(class_dim, -1)
+    acc_weight = None if weight is None else weight.to(acc)
+    return (acc, class_dim, input.shape[class_dim], class_last, class_last.shape[:-1], acc_weight,
+            _is_probability_target(input, target))
+
+
 def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                              label_smoothing: float, reduction: int) -> tuple[Tensor, Tensor]:
     """Label-smoothed cross-entropy: (loss, lse), both in the accumulation dtype."""
     _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
-    acc = _accumulation_dtype(input)
-    class_dim = _class_dim(input)
-    num_classes = input.shape[class_dim]
-    class_last = input.movedim(class_dim, -1)
-    row_shape = class_last.shape[:-1]
-    acc_weight = None if weight is None else weight.to(acc)
-    probability = _is_probability_target(input, target)
+    acc, class_dim, num_classes, class_last, row_shape, acc_weight, probability = _problem(input, target, weight)
     if probability:
         target_source = target.movedim(class_dim, -1)
     else:
@@ -253,13 +259,7 @@ def ls_cross_entropy_backward(grad_loss: Tensor, input: Tensor, target: Tensor, 
     """Gradient of ls_cross_entropy_forward's loss with respect to input: input's shape and dtype,
     contiguous. Trusts the target values (the forward checked them)."""
     _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
-    acc = _accumulation_dtype(input)
-    class_dim = _class_dim(input)
-    num_classes = input.shape[class_dim]
-    class_last = input.movedim(class_dim, -1)
-    row_shape = class_last.shape[:-1]
-    acc_weight = None if weight is None else weight.to(acc)
-    probability = _is_probability_target(input, target)
+    acc, class_dim, num_classes, class_last, row_shape, acc_weight, probability = _problem(input, target, weight)
     target_source = target.movedim(class_dim, -1) if probability else target.to(torch.int64)
     # The upstream gradient of every row: grad_loss itself for 'none', one value for 'sum' and 'mean'.
     upstream_rows = grad_loss.to(acc)

@@ -11,8 +11,6 @@
 namespace labelsmooth::cpu {
 namespace {
 
-constexpr int64_t kTileLanes = 32;
-
 // Upstream gradient of each row: grad_loss[r] for 'none', grad_loss / denominator for 'mean'.
 template <typename acc_t>
 struct RowGrad {
@@ -151,15 +149,8 @@ LS_CPU_TARGET_CLONES void backward_tile(const RowProblem<scalar_t, target_t, acc
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
 void backward_tiles(const RowProblem<scalar_t, target_t, acc_t>& p, const acc_t* lse, RowGrad<acc_t> g,
                     scalar_t* grad) {
-  const int64_t tiles_per_outer = ceil_div(p.inner, kTileLanes);
-  const int64_t grain = std::max<int64_t>(1, row_grain(p.classes) / kTileLanes);
-  at::parallel_for(0, p.outer * tiles_per_outer, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t o = task / tiles_per_outer;
-      const int64_t i0 = (task % tiles_per_outer) * kTileLanes;
-      backward_tile<scalar_t, target_t, acc_t, kProbability>(p, o, i0, std::min(kTileLanes, p.inner - i0), lse, g,
-                                                             grad);
-    }
+  for_each_tile(p.outer, p.classes, p.inner, [&](int64_t o, int64_t i0, int64_t lanes) {
+    backward_tile<scalar_t, target_t, acc_t, kProbability>(p, o, i0, lanes, lse, g, grad);
   });
 }
 

@@ -51,6 +51,22 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Rows per parallel task: enough logits per task that scheduling costs little.
 inline int64_t row_grain(int64_t classes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(classes, 1)); }
 
+// Rows per tile of the (N, C, d1, ...) layout: one row per lane, lanes adjacent in memory.
+constexpr int64_t kTileLanes = 32;
+
+// Runs fn(o, i0, lanes) over every tile of an [outer, classes, inner] problem, tiles spread over threads.
+template <typename Fn>
+void for_each_tile(int64_t outer, int64_t classes, int64_t inner, Fn fn) {
+  const int64_t tiles_per_outer = ceil_div(inner, kTileLanes);
+  const int64_t grain = std::max<int64_t>(1, row_grain(classes) / kTileLanes);
+  at::parallel_for(0, outer * tiles_per_outer, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = (task % tiles_per_outer) * kTileLanes;
+      fn(task / tiles_per_outer, i0, std::min(kTileLanes, inner - i0));
+    }
+  });
+}
+
 // Raises IndexError for the first class index that is neither in [0, classes) nor ignore_index.
 // Done before any kernel runs, so a bad target never reads out of bounds.
 void check_class_indices(const int64_t* target, int64_t rows, int64_t classes, int64_t ignore_index);

@@ -13,9 +13,6 @@
 namespace labelsmooth::cpu {
 namespace {
 
-// Logits per tile of the (N, C, d1, ...) layout: one row per lane, lanes adjacent in memory.
-constexpr int64_t kTileLanes = 32;
-
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
 LS_INLINE bool row_is_active(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r) {
   if constexpr (kProbability) {
@@ -176,14 +173,8 @@ LS_CPU_TARGET_CLONES void forward_tile(const RowProblem<scalar_t, target_t, acc_
 
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
 void forward_tiles(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, acc_t* loss) {
-  const int64_t tiles_per_outer = ceil_div(p.inner, kTileLanes);
-  const int64_t grain = std::max<int64_t>(1, row_grain(p.classes) / kTileLanes);
-  at::parallel_for(0, p.outer * tiles_per_outer, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t o = task / tiles_per_outer;
-      const int64_t i0 = (task % tiles_per_outer) * kTileLanes;
-      forward_tile<scalar_t, target_t, acc_t, kProbability>(p, o, i0, std::min(kTileLanes, p.inner - i0), lse, loss);
-    }
+  for_each_tile(p.outer, p.classes, p.inner, [&](int64_t o, int64_t i0, int64_t lanes) {
+    forward_tile<scalar_t, target_t, acc_t, kProbability>(p, o, i0, lanes, lse, loss);
   });
 }
 
