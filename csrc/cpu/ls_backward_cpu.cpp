@@ -77,9 +77,83 @@ LS_CPU_TARGET_CLONES void target_mass_range(const RowProblem<scalar_t, target_t,
   }
 }
 
+// Short rows [begin, end) (see forward_short_rows): a block of rows is laid out flat, every gradient
+// element as  scale_j * exp(z_j - lse_j) - offset_j * w_j  with per-element copies of its row's
+// constants, and computed in one vector loop. Class-index targets then get their own term patched.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+LS_CPU_TARGET_CLONES void backward_short_rows(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
+                                              int64_t end, const acc_t* lse, RowGrad<acc_t> g, scalar_t* grad) {
+  const int64_t classes = p.classes;
+  const int64_t block_rows = kShortRowBlockElements / classes;
+  acc_t logits[kShortRowBlockElements], row_lse_of[kShortRowBlockElements], scale_of[kShortRowBlockElements],
+      offset_of[kShortRowBlockElements], weight_of[kShortRowBlockElements];
+  for (int64_t j = 0; j < block_rows * classes; ++j) {
+    weight_of[j] = p.weight == nullptr ? acc_t(1) : p.weight[j % classes];
+  }
+  for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, end - r0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = r0 + i;
+      const scalar_t* row = p.row_logits(r, 0);
+      acc_t* x = logits + i * classes;
+      const bool active = row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r);
+      // Ignored rows: zero constants and zero logits give exactly 0 (0 * exp(0) - 0 * w).
+      for (int64_t c = 0; c < classes; ++c) x[c] = active ? acc_t(load_as_acc(row[c])) : acc_t(0);
+      const acc_t row_lse = active ? lse[r] : acc_t(0);
+      acc_t scale = 0;
+      if constexpr (kProbability) {
+        const target_t* t = p.row_target(r, 0);
+        acc_t mass = 0;
+        for (int64_t c = 0; c < classes; ++c) {
+          const acc_t tw = smoothed_probability(acc_t(load_as_acc(t[c])), p.eps, classes);
+          offset_of[i * classes + c] = g(r) * tw;
+          mass += weight_of[c] * tw;
+        }
+        scale = g(r) * mass;
+      } else {
+        acc_t offset = 0;
+        if (active) {
+          const int64_t y = p.target[r];
+          const auto coefs = class_index_grad_coefs(g(r), p.weight == nullptr ? acc_t(1) : p.weight[y],
+                                                    p.weight_total, p.eps, classes);
+          scale = coefs.prob_scale;
+          offset = coefs.smooth_scale;
+        }
+        for (int64_t c = 0; c < classes; ++c) offset_of[i * classes + c] = offset;
+      }
+      for (int64_t c = 0; c < classes; ++c) {
+        row_lse_of[i * classes + c] = row_lse;
+        scale_of[i * classes + c] = scale;
+      }
+    }
+    scalar_t* out = grad + r0 * classes;
+#pragma omp simd
+    for (int64_t j = 0; j < rows * classes; ++j) {
+      const acc_t prob = exp_vectorizable(logits[j] - row_lse_of[j]);
+      out[j] = store_from_acc<scalar_t, acc_t>(scale_of[j] * prob - offset_of[j] * weight_of[j]);
+    }
+    if constexpr (!kProbability) {
+      for (int64_t r = r0; r < r0 + rows; ++r) {
+        const int64_t y = p.target[r];
+        if (y == p.ignore_index) continue;
+        const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
+        const auto coefs = class_index_grad_coefs(g(r), w_y, p.weight_total, p.eps, classes);
+        const acc_t prob = exp_vectorizable(acc_t(load_as_acc(p.row_logits(r, 0)[y])) - lse[r]);
+        grad[r * classes + y] = store_from_acc<scalar_t, acc_t>(class_index_grad(coefs, prob, w_y, true));
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
 void backward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, const acc_t* lse, RowGrad<acc_t> g,
                    scalar_t* grad) {
+  if (p.classes <= kShortRowClasses) {
+    at::parallel_for(0, p.rows(), row_grain(p.classes), [&](int64_t begin, int64_t end) {
+      backward_short_rows<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, g, grad);
+    });
+    return;
+  }
   std::vector<acc_t> mass;
   if constexpr (kProbability) {
     mass.resize(p.rows());
@@ -161,6 +235,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const PreparedInputs& in, c
   const ProblemLayout& layout = in.layout;
   at::Tensor grad = at::empty(in.input.sizes(), in.input.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) return grad;
+  advise_huge_pages(grad);
   const at::Tensor lse_c = lse.contiguous();
 
   dispatch_logits_dtype(in.input.scalar_type(), [&](auto* scalar_tag) {

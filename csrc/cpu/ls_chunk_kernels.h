@@ -7,6 +7,7 @@
 // the results bit-identical for any number of threads.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/ls_row_math.h"
@@ -31,13 +32,29 @@ LS_INLINE ChunkPartial<acc_t> merge_chunk_partials(const ChunkPartial<acc_t>& a,
                              a.mass + b.mass};
 }
 
+// Logits per prefetch step of chunk_sum_exp: 1 KiB of fp32, 16 cache lines.
+constexpr int64_t kPrefetchBlock = 256;
+
+// sum_c exp(z_c - max). This second pass reads the chunk from cache and is compute-bound, so it also
+// asks for the memory of the following chunk (prefetch_next, usually z + n: the rest of the row or
+// the next row), which keeps the memory bus busy while the exps are computed. A prefetch never
+// faults, so asking past the end of the tensor is harmless.
 template <typename scalar_t, typename acc_t>
-LS_INLINE acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max) {
+LS_INLINE acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max, const scalar_t* prefetch_next) {
   // A chunk of only -inf logits contributes nothing (exp(-inf - -inf) would be NaN).
   if (max == -INFINITY) return acc_t(0);
   acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += exp_vectorizable(load_as_acc(z[j]) - max);
+  for (int64_t block = 0; block < n; block += kPrefetchBlock) {
+    const int64_t block_end = std::min(n, block + kPrefetchBlock);
+    const char* next = reinterpret_cast<const char*>(prefetch_next + block);
+    for (int64_t byte = 0; byte < (block_end - block) * int64_t(sizeof(scalar_t)); byte += 64) {
+      __builtin_prefetch(next + byte, 0, 1);
+    }
+    acc_t block_sum = 0;
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t j = block; j < block_end; ++j) block_sum += exp_vectorizable(load_as_acc(z[j]) - max);
+    s += block_sum;
+  }
   return s;
 }
 

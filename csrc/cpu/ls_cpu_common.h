@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "cpu/ls_simd.h"
 #include "ls_op_common.h"
 
@@ -50,6 +54,29 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Rows per parallel task: enough logits per task that scheduling costs little.
 inline int64_t row_grain(int64_t classes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(classes, 1)); }
+
+// A freshly allocated gradient is written page by page, and on Linux every first touch of a 4 KiB
+// page is a fault that costs about as much as writing it: for 256 MiB of gradient, several times the
+// kernel's own time. Asking for transparent huge pages on the buffer (what PyTorch does for its own
+// allocations with THP_MEM_ALLOC_ENABLE=1) makes the faults 512 times fewer. Only a hint: where THP
+// is off, or the buffer is small, nothing changes.
+inline void advise_huge_pages(at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.mutable_data_ptr());
+  const uintptr_t end = begin + fresh.nbytes();
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = end & ~(kHugePage - 1);
+  if (last >= first + 2 * kHugePage) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)fresh;
+#endif
+}
+
+// (N, C) rows of at most this many classes take the short-row paths of the forward and backward,
+// which work on blocks of this many logits (a few acc_t buffers of that size live on the stack).
+constexpr int64_t kShortRowClasses = 128;
+constexpr int64_t kShortRowBlockElements = 2048;
 
 // Rows per tile of the (N, C, d1, ...) layout: one row per lane, lanes adjacent in memory.
 constexpr int64_t kTileLanes = 32;

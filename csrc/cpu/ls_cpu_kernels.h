@@ -30,6 +30,16 @@ struct RowProblem {
   const target_t* row_target(int64_t o, int64_t i) const { return target + o * classes * inner + i; }
 };
 
+// Rows whose class-index target is ignore_index contribute nothing (probability rows always count).
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+LS_INLINE bool row_is_active(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r) {
+  if constexpr (kProbability) {
+    return true;
+  } else {
+    return p.target[r] != p.ignore_index;
+  }
+}
+
 template <typename scalar_t, typename target_t, typename acc_t>
 RowProblem<scalar_t, target_t, acc_t> make_row_problem(const PreparedInputs& in, double label_smoothing,
                                                        int64_t ignore_index) {

@@ -13,15 +13,6 @@
 namespace labelsmooth::cpu {
 namespace {
 
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-LS_INLINE bool row_is_active(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r) {
-  if constexpr (kProbability) {
-    return true;
-  } else {
-    return p.target[r] != p.ignore_index;  // ignored rows are never read
-  }
-}
-
 // Summary of logits [begin, begin + n) of row r: max and sum of exp, and the target-dependent sums.
 // Never inlined: the whole-row and the split-row schedules must run the very same machine code on a
 // chunk (an inlined copy may be vectorized differently), or results would depend on the thread count.
@@ -40,7 +31,7 @@ __attribute__((noinline)) LS_CPU_TARGET_CLONES ChunkPartial<acc_t> row_chunk_par
   } else {
     chunk_max_and_shifted_sum<scalar_t, acc_t>(z, w, n, pivot, &m, &partial.shifted_sum);
   }
-  partial.softmax = SoftmaxState<acc_t>{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m)};
+  partial.softmax = SoftmaxState<acc_t>{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m, z + n)};
   return partial;
 }
 
@@ -93,6 +84,52 @@ void forward_chunk_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t
   }
 }
 
+// Short rows [begin, end): per-row loops of a few elements are all prologue and epilogue, so blocks of
+// rows are gathered into one contiguous buffer and the exps are computed in one vector loop over the
+// whole block, each element against its own row's max. Every row still gets the same arithmetic
+// whichever block it lands in.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+LS_CPU_TARGET_CLONES void forward_short_rows(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
+                                             int64_t end, acc_t* lse, acc_t* loss) {
+  const int64_t classes = p.classes;
+  const int64_t block_rows = kShortRowBlockElements / classes;
+  acc_t logits[kShortRowBlockElements], row_max_of[kShortRowBlockElements];
+  ChunkPartial<acc_t> partial[kShortRowBlockElements];
+  for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, end - r0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const scalar_t* row = p.row_logits(r0 + i, 0);
+      const acc_t pivot = row_pivot(acc_t(load_as_acc(row[0])));
+      acc_t m = -INFINITY, shifted = 0, mass = 0;
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc_t x = load_as_acc(row[c]);
+        const acc_t w_c = p.weight == nullptr ? acc_t(1) : p.weight[c];
+        logits[i * classes + c] = x;
+        m = x > m ? x : m;
+        if constexpr (kProbability) {
+          const acc_t tw = w_c * smoothed_probability(acc_t(load_as_acc(p.row_target(r0 + i, 0)[c])), p.eps, classes);
+          mass += tw;
+          shifted += tw * (x - pivot);
+        } else {
+          shifted += w_c * (x - pivot);
+        }
+      }
+      partial[i] = ChunkPartial<acc_t>{{m, acc_t(0)}, shifted, mass};
+      for (int64_t c = 0; c < classes; ++c) row_max_of[i * classes + c] = m;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < rows * classes; ++j) logits[j] = exp_vectorizable(logits[j] - row_max_of[j]);
+    for (int64_t i = 0; i < rows; ++i) {
+      if (!row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r0 + i)) continue;
+      acc_t sum = 0;
+      for (int64_t c = 0; c < classes; ++c) sum += logits[i * classes + c];
+      // An all -inf row sums exp(-inf - -inf) = NaN above; its sum of exp is 0.
+      partial[i].softmax.sum = partial[i].softmax.max == -INFINITY ? acc_t(0) : sum;
+      finish_row<scalar_t, target_t, acc_t, kProbability>(p, r0 + i, partial[i], lse, loss);
+    }
+  }
+}
+
 // (N, C) layout. Threads take whole rows; when rows are fewer than threads and long, they take chunks
 // of rows instead, and each row's chunk results are merged afterwards in the same order as above.
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
@@ -112,7 +149,11 @@ void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, ac
     return;
   }
   at::parallel_for(0, p.rows(), row_grain(p.classes), [&](int64_t begin, int64_t end) {
-    forward_row_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, loss);
+    if (p.classes <= kShortRowClasses) {
+      forward_short_rows<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, loss);
+    } else {
+      forward_row_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, loss);
+    }
   });
 }
 

@@ -63,7 +63,8 @@ LS_INLINE bf16_bits store_from_acc<bf16_bits, float>(float x) {
 
 // exp(x) for float, branch-free so that loops calling it vectorize. Cephes' expf polynomial: about
 // 1 ulp on the range the kernels use (x <= 0: arguments are z - max or z - lse). Arguments below
-// -87.3 give exactly 0 (as a -inf logit must), NaN stays NaN; the top is clamped at 88 (never reached here).
+// -87.3 give exactly 0 (as a -inf logit must: whatever the polynomial made of them is replaced);
+// NaN stays NaN through the arithmetic; the top is clamped at 88 (never reached here).
 LS_INLINE float exp_vectorizable(float x) {
   constexpr float kLowest = -87.33654475f;
   constexpr float kHighest = 88.0f;
@@ -71,8 +72,7 @@ LS_INLINE float exp_vectorizable(float x) {
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float xc = x < kLowest ? kLowest : x;
-  xc = xc > kHighest ? kHighest : xc;
+  const float xc = x > kHighest ? kHighest : x;
   const float n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.9875691500e-4f;
@@ -85,9 +85,7 @@ LS_INLINE float exp_vectorizable(float x) {
   const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &exponent_bits, sizeof(scale));
-  const float y = poly * scale;
-  const float y_or_zero = x < kLowest ? 0.0f : y;
-  return x != x ? x : y_or_zero;
+  return x < kLowest ? 0.0f : poly * scale;
 }
 
 // fp64 is the reference-precision path: the library exp keeps it exact rather than fast.
