@@ -77,83 +77,9 @@ LS_CPU_TARGET_CLONES void target_mass_range(const RowProblem<scalar_t, target_t,
   }
 }
 
-// Short rows [begin, end) (see forward_short_rows): a block of rows is laid out flat, every gradient
-// element as  scale_j * exp(z_j - lse_j) - offset_j * w_j  with per-element copies of its row's
-// constants, and computed in one vector loop. Class-index targets then get their own term patched.
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-LS_CPU_TARGET_CLONES void backward_short_rows(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
-                                              int64_t end, const acc_t* lse, RowGrad<acc_t> g, scalar_t* grad) {
-  const int64_t classes = p.classes;
-  const int64_t block_rows = kShortRowBlockElements / classes;
-  acc_t logits[kShortRowBlockElements], row_lse_of[kShortRowBlockElements], scale_of[kShortRowBlockElements],
-      offset_of[kShortRowBlockElements], weight_of[kShortRowBlockElements];
-  for (int64_t j = 0; j < block_rows * classes; ++j) {
-    weight_of[j] = p.weight == nullptr ? acc_t(1) : p.weight[j % classes];
-  }
-  for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
-    const int64_t rows = std::min(block_rows, end - r0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t r = r0 + i;
-      const scalar_t* row = p.row_logits(r, 0);
-      acc_t* x = logits + i * classes;
-      const bool active = row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r);
-      // Ignored rows: zero constants and zero logits give exactly 0 (0 * exp(0) - 0 * w).
-      for (int64_t c = 0; c < classes; ++c) x[c] = active ? acc_t(load_as_acc(row[c])) : acc_t(0);
-      const acc_t row_lse = active ? lse[r] : acc_t(0);
-      acc_t scale = 0;
-      if constexpr (kProbability) {
-        const target_t* t = p.row_target(r, 0);
-        acc_t mass = 0;
-        for (int64_t c = 0; c < classes; ++c) {
-          const acc_t tw = smoothed_probability(acc_t(load_as_acc(t[c])), p.eps, classes);
-          offset_of[i * classes + c] = g(r) * tw;
-          mass += weight_of[c] * tw;
-        }
-        scale = g(r) * mass;
-      } else {
-        acc_t offset = 0;
-        if (active) {
-          const int64_t y = p.target[r];
-          const auto coefs = class_index_grad_coefs(g(r), p.weight == nullptr ? acc_t(1) : p.weight[y],
-                                                    p.weight_total, p.eps, classes);
-          scale = coefs.prob_scale;
-          offset = coefs.smooth_scale;
-        }
-        for (int64_t c = 0; c < classes; ++c) offset_of[i * classes + c] = offset;
-      }
-      for (int64_t c = 0; c < classes; ++c) {
-        row_lse_of[i * classes + c] = row_lse;
-        scale_of[i * classes + c] = scale;
-      }
-    }
-    scalar_t* out = grad + r0 * classes;
-#pragma omp simd
-    for (int64_t j = 0; j < rows * classes; ++j) {
-      const acc_t prob = exp_vectorizable(logits[j] - row_lse_of[j]);
-      out[j] = store_from_acc<scalar_t, acc_t>(scale_of[j] * prob - offset_of[j] * weight_of[j]);
-    }
-    if constexpr (!kProbability) {
-      for (int64_t r = r0; r < r0 + rows; ++r) {
-        const int64_t y = p.target[r];
-        if (y == p.ignore_index) continue;
-        const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
-        const auto coefs = class_index_grad_coefs(g(r), w_y, p.weight_total, p.eps, classes);
-        const acc_t prob = exp_vectorizable(acc_t(load_as_acc(p.row_logits(r, 0)[y])) - lse[r]);
-        grad[r * classes + y] = store_from_acc<scalar_t, acc_t>(class_index_grad(coefs, prob, w_y, true));
-      }
-    }
-  }
-}
-
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
 void backward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, const acc_t* lse, RowGrad<acc_t> g,
                    scalar_t* grad) {
-  if (p.classes <= kShortRowClasses) {
-    at::parallel_for(0, p.rows(), row_grain(p.classes), [&](int64_t begin, int64_t end) {
-      backward_short_rows<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, g, grad);
-    });
-    return;
-  }
   std::vector<acc_t> mass;
   if constexpr (kProbability) {
     mass.resize(p.rows());
@@ -168,17 +94,20 @@ void backward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, const acc_t* 
   });
 }
 
-// One tile of the (N, C, d1, ...) layout (see ls_forward_cpu.cpp), gradient written class by class.
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+// One tile of rows (see forward_tile and TileAddressing), gradient written class by class. The
+// gradient is contiguous, so it is addressed like the probability targets.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kRowLanes>
 LS_CPU_TARGET_CLONES void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0,
                                         int64_t lanes, const acc_t* lse, RowGrad<acc_t> g, scalar_t* grad) {
-  const scalar_t* base = p.row_logits(o, i0);
-  scalar_t* out_base = grad + o * p.classes * p.inner + i0;
+  const TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
+  const scalar_t* base = p.logits + at.logits_base;
+  const target_t* target_base = p.target + at.target_base;
+  scalar_t* out_base = grad + at.target_base;
   acc_t row_lse[kTileLanes], scale[kTileLanes], mass[kTileLanes];
   int64_t target_class[kTileLanes];
   ClassIndexGradCoefs<acc_t> coefs[kTileLanes];
   for (int64_t l = 0; l < lanes; ++l) {
-    const int64_t r = o * p.inner + i0 + l;
+    const int64_t r = at.first_row + l;
     row_lse[l] = lse[r];
     scale[l] = g(r);
     mass[l] = acc_t(0);
@@ -194,28 +123,29 @@ LS_CPU_TARGET_CLONES void backward_tile(const RowProblem<scalar_t, target_t, acc
   }
   if constexpr (kProbability) {
     for (int64_t c = 0; c < p.classes; ++c) {
-      const target_t* tc = p.row_target(o, i0) + c * p.inner;
+      const target_t* tc = target_base + c * at.target_class;
       const acc_t w_c = p.weight == nullptr ? acc_t(1) : p.weight[c];
 #pragma omp simd
-      for (int64_t l = 0; l < lanes; ++l) mass[l] += w_c * smoothed_probability(acc_t(load_as_acc(tc[l])), p.eps, p.classes);
+      for (int64_t l = 0; l < lanes; ++l) {
+        mass[l] += w_c * smoothed_probability(acc_t(load_as_acc(tc[l * at.target_lane])), p.eps, p.classes);
+      }
     }
   }
   for (int64_t c = 0; c < p.classes; ++c) {
-    const scalar_t* zc = base + c * p.inner;
-    scalar_t* out = out_base + c * p.inner;
+    const scalar_t* zc = base + c * at.logits_class;
+    scalar_t* out = out_base + c * at.target_class;
     const acc_t w_c = p.weight == nullptr ? acc_t(1) : p.weight[c];
 #pragma omp simd
     for (int64_t l = 0; l < lanes; ++l) {
-      const acc_t prob = exp_vectorizable(acc_t(load_as_acc(zc[l])) - row_lse[l]);
+      const acc_t prob = exp_vectorizable(acc_t(load_as_acc(zc[l * at.logits_lane])) - row_lse[l]);
       acc_t value;
       if constexpr (kProbability) {
-        const acc_t tw = w_c * smoothed_probability(acc_t(load_as_acc(p.row_target(o, i0)[c * p.inner + l])), p.eps,
-                                                    p.classes);
-        value = probability_grad(scale[l], mass[l], prob, tw);
+        const acc_t t = load_as_acc(target_base[c * at.target_class + l * at.target_lane]);
+        value = probability_grad(scale[l], mass[l], prob, w_c * smoothed_probability(t, p.eps, p.classes));
       } else {
         value = target_class[l] < 0 ? acc_t(0) : class_index_grad(coefs[l], prob, w_c, c == target_class[l]);
       }
-      out[l] = store_from_acc<scalar_t, acc_t>(value);
+      out[l * at.target_lane] = store_from_acc<scalar_t, acc_t>(value);
     }
   }
 }
@@ -223,8 +153,14 @@ LS_CPU_TARGET_CLONES void backward_tile(const RowProblem<scalar_t, target_t, acc
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
 void backward_tiles(const RowProblem<scalar_t, target_t, acc_t>& p, const acc_t* lse, RowGrad<acc_t> g,
                     scalar_t* grad) {
+  if (p.inner == 1) {  // short (N, C) rows: the rows are the lanes
+    for_each_tile(1, p.classes, p.rows(), [&](int64_t, int64_t i0, int64_t lanes) {
+      backward_tile<scalar_t, target_t, acc_t, kProbability, true>(p, 0, i0, lanes, lse, g, grad);
+    });
+    return;
+  }
   for_each_tile(p.outer, p.classes, p.inner, [&](int64_t o, int64_t i0, int64_t lanes) {
-    backward_tile<scalar_t, target_t, acc_t, kProbability>(p, o, i0, lanes, lse, g, grad);
+    backward_tile<scalar_t, target_t, acc_t, kProbability, false>(p, o, i0, lanes, lse, g, grad);
   });
 }
 
@@ -249,7 +185,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const PreparedInputs& in, c
       dispatch_target_dtype<scalar_t>(in.target, in.input.scalar_type(), [&](auto* target_tag) {
         using target_t = std::remove_pointer_t<decltype(target_tag)>;
         const auto p = make_row_problem<scalar_t, target_t, acc_t>(in, label_smoothing, ignore_index);
-        if (layout.inner == 1) {
+        if (layout.inner == 1 && layout.classes > kShortRowClassesBackward) {
           backward_rows<scalar_t, target_t, acc_t, true>(p, lse_data, g, grad_data);
         } else {
           backward_tiles<scalar_t, target_t, acc_t, true>(p, lse_data, g, grad_data);
@@ -263,7 +199,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const PreparedInputs& in, c
       // All rows ignored: the denominator is 0, but no row uses the scale then.
       g.scale = acc_t(1) / class_index_mean_denominator(p.target, p.rows(), p.weight, ignore_index);
     }
-    if (layout.inner == 1) {
+    if (layout.inner == 1 && layout.classes > kShortRowClassesBackward) {
       backward_rows<scalar_t, int64_t, acc_t, false>(p, lse_data, g, grad_data);
     } else {
       backward_tiles<scalar_t, int64_t, acc_t, false>(p, lse_data, g, grad_data);

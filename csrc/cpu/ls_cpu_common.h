@@ -73,10 +73,11 @@ inline void advise_huge_pages(at::Tensor& fresh) {
 #endif
 }
 
-// (N, C) rows of at most this many classes take the short-row paths of the forward and backward,
-// which work on blocks of this many logits (a few acc_t buffers of that size live on the stack).
-constexpr int64_t kShortRowClasses = 128;
-constexpr int64_t kShortRowBlockElements = 2048;
+// (N, C) rows of at most this many classes are processed in tiles with the rows side by side, where
+// per-row loops would be all prologue and epilogue. Measured on AVX-512 (6.5M logits, fp32): the
+// forward gains up to ~40 classes; the backward, whose tile stores scatter, only up to ~12.
+constexpr int64_t kShortRowClassesForward = 40;
+constexpr int64_t kShortRowClassesBackward = 12;
 
 // Rows per tile of the (N, C, d1, ...) layout: one row per lane, lanes adjacent in memory.
 constexpr int64_t kTileLanes = 32;

@@ -40,6 +40,26 @@ LS_INLINE bool row_is_active(const RowProblem<scalar_t, target_t, acc_t>& p, int
   }
 }
 
+// Where the tile of rows i0 .. i0 + lanes - 1 (of outer index o) lives: element (lane l, class c) of the
+// logits is at logits_base + c * logits_class + l * logits_lane, likewise for probability targets (and
+// for the contiguous gradient, which has the targets' layout). With kRowLanes the lanes are rows of
+// an (N, C) problem; otherwise they are adjacent positions of an (N, C, d1, ...) problem.
+struct TileAddressing {
+  int64_t first_row;
+  int64_t logits_base, logits_class, logits_lane;
+  int64_t target_base, target_class, target_lane;
+};
+
+template <bool kRowLanes, typename Problem>
+LS_INLINE TileAddressing tile_addressing(const Problem& p, int64_t o, int64_t i0) {
+  if constexpr (kRowLanes) {
+    return TileAddressing{i0, i0 * p.outer_stride, 1, p.outer_stride, i0 * p.classes, 1, p.classes};
+  } else {
+    return TileAddressing{o * p.inner + i0, o * p.outer_stride + i0, p.inner, 1, o * p.classes * p.inner + i0,
+                          p.inner, 1};
+  }
+}
+
 template <typename scalar_t, typename target_t, typename acc_t>
 RowProblem<scalar_t, target_t, acc_t> make_row_problem(const PreparedInputs& in, double label_smoothing,
                                                        int64_t ignore_index) {

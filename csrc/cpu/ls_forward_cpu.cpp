@@ -84,52 +84,6 @@ void forward_chunk_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t
   }
 }
 
-// Short rows [begin, end): per-row loops of a few elements are all prologue and epilogue, so blocks of
-// rows are gathered into one contiguous buffer and the exps are computed in one vector loop over the
-// whole block, each element against its own row's max. Every row still gets the same arithmetic
-// whichever block it lands in.
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-LS_CPU_TARGET_CLONES void forward_short_rows(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
-                                             int64_t end, acc_t* lse, acc_t* loss) {
-  const int64_t classes = p.classes;
-  const int64_t block_rows = kShortRowBlockElements / classes;
-  acc_t logits[kShortRowBlockElements], row_max_of[kShortRowBlockElements];
-  ChunkPartial<acc_t> partial[kShortRowBlockElements];
-  for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
-    const int64_t rows = std::min(block_rows, end - r0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const scalar_t* row = p.row_logits(r0 + i, 0);
-      const acc_t pivot = row_pivot(acc_t(load_as_acc(row[0])));
-      acc_t m = -INFINITY, shifted = 0, mass = 0;
-      for (int64_t c = 0; c < classes; ++c) {
-        const acc_t x = load_as_acc(row[c]);
-        const acc_t w_c = p.weight == nullptr ? acc_t(1) : p.weight[c];
-        logits[i * classes + c] = x;
-        m = x > m ? x : m;
-        if constexpr (kProbability) {
-          const acc_t tw = w_c * smoothed_probability(acc_t(load_as_acc(p.row_target(r0 + i, 0)[c])), p.eps, classes);
-          mass += tw;
-          shifted += tw * (x - pivot);
-        } else {
-          shifted += w_c * (x - pivot);
-        }
-      }
-      partial[i] = ChunkPartial<acc_t>{{m, acc_t(0)}, shifted, mass};
-      for (int64_t c = 0; c < classes; ++c) row_max_of[i * classes + c] = m;
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < rows * classes; ++j) logits[j] = exp_vectorizable(logits[j] - row_max_of[j]);
-    for (int64_t i = 0; i < rows; ++i) {
-      if (!row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r0 + i)) continue;
-      acc_t sum = 0;
-      for (int64_t c = 0; c < classes; ++c) sum += logits[i * classes + c];
-      // An all -inf row sums exp(-inf - -inf) = NaN above; its sum of exp is 0.
-      partial[i].softmax.sum = partial[i].softmax.max == -INFINITY ? acc_t(0) : sum;
-      finish_row<scalar_t, target_t, acc_t, kProbability>(p, r0 + i, partial[i], lse, loss);
-    }
-  }
-}
-
 // (N, C) layout. Threads take whole rows; when rows are fewer than threads and long, they take chunks
 // of rows instead, and each row's chunk results are merged afterwards in the same order as above.
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
@@ -149,37 +103,38 @@ void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, ac
     return;
   }
   at::parallel_for(0, p.rows(), row_grain(p.classes), [&](int64_t begin, int64_t end) {
-    if (p.classes <= kShortRowClasses) {
-      forward_short_rows<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, loss);
-    } else {
-      forward_row_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, loss);
-    }
+    forward_row_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, loss);
   });
 }
 
-// One tile of the (N, C, d1, ...) layout: `lanes` consecutive rows i0 .. i0 + lanes - 1 of outer index o,
-// read class by class so every load is contiguous across the lanes. Two passes (max and sums, then
-// sum of exp) over a tile that stays in cache.
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+// One tile of `lanes` rows, read class by class with the lanes side by side, so that the loops run
+// across rows: (N, C, d1, ...) layout (kRowLanes false): rows i0 .. i0 + lanes - 1 of outer index o,
+// adjacent in memory, so every load is contiguous; short (N, C) rows (kRowLanes true): rows
+// i0 .. i0 + lanes - 1, where per-row loops of a few classes would be all prologue and epilogue, and
+// a load gathers one class of each row. Two passes (max and sums, then sum of exp) over a tile that
+// stays in cache.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kRowLanes>
 LS_CPU_TARGET_CLONES void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0,
                                        int64_t lanes, acc_t* lse, acc_t* loss) {
-  const scalar_t* base = p.row_logits(o, i0);
-  const target_t* target_base = kProbability ? p.row_target(o, i0) : nullptr;
+  const TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
+  const scalar_t* base = p.logits + at.logits_base;
+  const target_t* target_base = p.target + at.target_base;
   acc_t pivot[kTileLanes], m[kTileLanes], s[kTileLanes], shifted[kTileLanes], mass[kTileLanes];
   for (int64_t l = 0; l < lanes; ++l) {
-    pivot[l] = row_pivot(load_as_acc(base[l]));
+    pivot[l] = row_pivot(acc_t(load_as_acc(base[l * at.logits_lane])));
     m[l] = -INFINITY;
     s[l] = shifted[l] = mass[l] = acc_t(0);
   }
   for (int64_t c = 0; c < p.classes; ++c) {
-    const scalar_t* zc = base + c * p.inner;
+    const scalar_t* zc = base + c * at.logits_class;
     const acc_t w_c = p.weight == nullptr ? acc_t(1) : p.weight[c];
 #pragma omp simd
     for (int64_t l = 0; l < lanes; ++l) {
-      const acc_t x = load_as_acc(zc[l]);
+      const acc_t x = load_as_acc(zc[l * at.logits_lane]);
       m[l] = x > m[l] ? x : m[l];
       if constexpr (kProbability) {
-        const acc_t tw = w_c * smoothed_probability(acc_t(load_as_acc(target_base[c * p.inner + l])), p.eps, p.classes);
+        const acc_t t = load_as_acc(target_base[c * at.target_class + l * at.target_lane]);
+        const acc_t tw = w_c * smoothed_probability(t, p.eps, p.classes);
         mass[l] += tw;
         shifted[l] += tw * (x - pivot[l]);
       } else {
@@ -188,15 +143,15 @@ LS_CPU_TARGET_CLONES void forward_tile(const RowProblem<scalar_t, target_t, acc_
     }
   }
   for (int64_t c = 0; c < p.classes; ++c) {
-    const scalar_t* zc = base + c * p.inner;
+    const scalar_t* zc = base + c * at.logits_class;
 #pragma omp simd
     for (int64_t l = 0; l < lanes; ++l) {
-      const acc_t e = exp_vectorizable(load_as_acc(zc[l]) - m[l]);
+      const acc_t e = exp_vectorizable(load_as_acc(zc[l * at.logits_lane]) - m[l]);
       s[l] += m[l] == -INFINITY ? acc_t(0) : e;
     }
   }
   for (int64_t l = 0; l < lanes; ++l) {
-    const int64_t r = o * p.inner + i0 + l;
+    const int64_t r = at.first_row + l;
     const acc_t row_lse = softmax_state_lse(SoftmaxState<acc_t>{m[l], s[l]});
     if constexpr (kProbability) {
       lse[r] = row_lse;
@@ -206,16 +161,22 @@ LS_CPU_TARGET_CLONES void forward_tile(const RowProblem<scalar_t, target_t, acc_
       if (y == p.ignore_index) continue;
       const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
       lse[r] = row_lse;
-      loss[r] = class_index_row_loss(row_lse, acc_t(load_as_acc(base[y * p.inner + l])), w_y, p.weight_total,
-                                     shifted[l], pivot[l], p.eps, p.classes);
+      loss[r] = class_index_row_loss(row_lse, acc_t(load_as_acc(base[y * at.logits_class + l * at.logits_lane])), w_y,
+                                     p.weight_total, shifted[l], pivot[l], p.eps, p.classes);
     }
   }
 }
 
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
 void forward_tiles(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, acc_t* loss) {
+  if (p.inner == 1) {  // short (N, C) rows: the rows are the lanes
+    for_each_tile(1, p.classes, p.rows(), [&](int64_t, int64_t i0, int64_t lanes) {
+      forward_tile<scalar_t, target_t, acc_t, kProbability, true>(p, 0, i0, lanes, lse, loss);
+    });
+    return;
+  }
   for_each_tile(p.outer, p.classes, p.inner, [&](int64_t o, int64_t i0, int64_t lanes) {
-    forward_tile<scalar_t, target_t, acc_t, kProbability>(p, o, i0, lanes, lse, loss);
+    forward_tile<scalar_t, target_t, acc_t, kProbability, false>(p, o, i0, lanes, lse, loss);
   });
 }
 
@@ -254,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double 
       dispatch_target_dtype<scalar_t>(in.target, in.input.scalar_type(), [&](auto* target_tag) {
         using target_t = std::remove_pointer_t<decltype(target_tag)>;
         const auto p = make_row_problem<scalar_t, target_t, acc_t>(in, label_smoothing, ignore_index);
-        if (layout.inner == 1) {
+        if (layout.inner == 1 && layout.classes > kShortRowClassesForward) {
           forward_rows<scalar_t, target_t, acc_t, true>(p, lse_data, loss_data);
         } else {
           forward_tiles<scalar_t, target_t, acc_t, true>(p, lse_data, loss_data);
@@ -267,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double 
     check_class_indices(p.target, p.rows(), p.classes, ignore_index);
     if (p.classes == 0) {
       // Every row is ignored (the check above allows nothing else): nothing to read.
-    } else if (layout.inner == 1) {
+    } else if (layout.inner == 1 && layout.classes > kShortRowClassesForward) {
       forward_rows<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);
     } else {
       forward_tiles<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);
