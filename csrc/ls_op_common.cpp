@@ -32,6 +32,14 @@ void check_input(const at::Tensor& input) {
               "got a 0-dim tensor");
 }
 
+// How to call with logits whose classes are the last dim (an LLM's (B, T, V)); the Python checks say the same.
+std::string class_last_hint(const at::Tensor& input, const at::Tensor& target) {
+  if (input.dim() < 3 || target.sizes() != input.sizes().slice(0, input.dim() - 1)) return "";
+  return ". The class dimension is dim 1, as in torch.nn.functional.cross_entropy; if the classes are the last dim "
+         "(LLM logits of shape (B, T, V)), pass input.flatten(0, -2) and target.flatten() (views of contiguous "
+         "logits: no copy)";
+}
+
 void check_class_index_target(const at::Tensor& input, const at::Tensor& target, at::IntArrayRef row_shape) {
   TORCH_CHECK(is_class_index_dtype(target.scalar_type()),
               "labelsmooth cross_entropy: expected target to hold class indices (int64, int32 or uint8) of shape ",
@@ -43,7 +51,7 @@ void check_class_index_target(const at::Tensor& input, const at::Tensor& target,
   }
   TORCH_CHECK(target.sizes() == row_shape, "labelsmooth cross_entropy: expected target of shape ",
               shape_string(row_shape), " (the input's shape ", shape_string(input.sizes()),
-              " without the class dimension), got ", shape_string(target.sizes()));
+              " without the class dimension), got ", shape_string(target.sizes()), class_last_hint(input, target));
 }
 
 void check_probability_target(const at::Tensor& target, int64_t ignore_index) {

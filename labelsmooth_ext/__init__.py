@@ -1,10 +1,10 @@
 """Label-smoothed cross-entropy for PyTorch, on hand-written CPU (OpenMP/SIMD) and CUDA kernels.
 
     import labelsmooth_ext
-    loss = labelsmooth_ext.cross_entropy(logits, target, label_smoothing=0.1)
+    loss = labelsmooth_ext.cross_entropy(logits, target, label_smoothing=0.1)  # PyTorch's signature and defaults
 """
 
-from . import _backend, _registration  # noqa: F401  (defines and registers the ops)
+from . import _backend, _functorch, _registration  # noqa: F401  (defines and registers the ops)
 from ._backend import backend_info
 from ._version import __version__
 from .functional import cross_entropy

@@ -6,6 +6,8 @@ uses the fallback without trying the extension. Either way the same ops exist, s
 this module (autograd, fakes, torch.compile, the public API) has a single path.
 """
 
+import importlib
+import importlib.machinery
 import os
 import warnings
 
@@ -15,13 +17,15 @@ from . import _schemas, reference
 from ._version import __version__
 
 BACKEND_ENV = "LABELSMOOTH_BACKEND"
+# The README's install command; a build is tied to the torch it was compiled against.
+_BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _BUILD_HINT = (
-    "build it with `pip install --no-build-isolation .` in the source tree (needs a C++17 compiler and "
-    "the torch version it runs with)"
+    f"build it with `{_BUILD_COMMAND}` in the source tree (needs a C++17 compiler and the torch version it runs with)"
 )
 
 # Kept alive for the life of the process: dropping a Library object unregisters its ops.
 _python_library = None
+_cuda_fallback_library = None
 
 
 def _requested_mode():
@@ -47,6 +51,62 @@ def _define_python_ops():
     )
 
 
+def _import_compiled():
+    """Imports labelsmooth_ext._C; ImportError says what is wrong in words a user can act on (a plain
+    `from . import _C` reports a missing file as a "partially initialized module ... circular import")."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    if not any(os.path.exists(os.path.join(package_dir, "_C" + suffix)) for suffix in suffixes):
+        raise ImportError(f"labelsmooth_ext._C is not built: there is no compiled extension (_C*.so) in {package_dir}")
+    try:
+        return importlib.import_module(f"{__package__}._C")
+    except ImportError as error:
+        # An undefined symbol is what a torch upgraded or downgraded under the build looks like.
+        raise ImportError(
+            f"labelsmooth_ext._C exists but does not load ({error}); the usual cause is a build made against "
+            f"another torch than the one installed now ({torch.__version__})"
+        ) from error
+
+
+def _warn_if_built_for_another_torch(built_against):
+    if built_against == torch.__version__:
+        return
+    warnings.warn(
+        f"labelsmooth_ext: the compiled extension was built against torch {built_against} but torch "
+        f"{torch.__version__} is running; it may misbehave or crash. Rebuild it with `{_BUILD_COMMAND}` in the source "
+        "tree.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _register_reference_for_cuda():
+    """A build without CUDA kernels (torch with CUDA but no nvcc at install time, or LABELSMOOTH_FORCE_CPU=1)
+    still takes CUDA tensors: the reference implementation runs there, with one warning at the first call."""
+    global _cuda_fallback_library
+    _cuda_fallback_library = torch.library.Library(_schemas.NAMESPACE, "IMPL")
+    warned = []
+
+    def on_cuda(implementation):
+        def kernel(*args):
+            if not warned:
+                warned.append(True)
+                warnings.warn(
+                    "labelsmooth_ext: this build has no CUDA kernels (it was compiled without nvcc, or with "
+                    "LABELSMOOTH_FORCE_CPU=1), so CUDA tensors run on the pure-PyTorch implementation, which is "
+                    f"correct but slower. To get the kernels, rebuild with `{_BUILD_COMMAND}` on a machine with the "
+                    "CUDA toolkit (nvcc) matching torch's CUDA version.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return implementation(*args)
+
+        return kernel
+
+    _cuda_fallback_library.impl("ls_cross_entropy_forward", on_cuda(reference.ls_cross_entropy_forward), "CUDA")
+    _cuda_fallback_library.impl("ls_cross_entropy_backward", on_cuda(reference.ls_cross_entropy_backward), "CUDA")
+
+
 def _load():
     """Returns (backend, reason, build_info) after making sure the ops are defined."""
     mode = _requested_mode()
@@ -54,15 +114,14 @@ def _load():
         _define_python_ops()
         return "python", f"selected by {BACKEND_ENV}=python", {}
     try:
-        from . import _C
+        compiled = _import_compiled()
     except (ImportError, OSError) as error:
         if mode == "compiled":
             raise ImportError(
-                f"{BACKEND_ENV}=compiled, but the compiled extension labelsmooth_ext._C cannot be loaded "
-                f"({error}); {_BUILD_HINT}"
+                f"{BACKEND_ENV}=compiled, but the compiled extension cannot be loaded: {error}. {_BUILD_HINT}"
             ) from error
         warnings.warn(
-            f"labelsmooth_ext: the compiled kernels cannot be loaded ({error}); using the pure-PyTorch "
+            f"labelsmooth_ext: the compiled kernels cannot be loaded: {error}. Using the pure-PyTorch "
             f"fallback, which is correct but slower. To get the kernels, {_BUILD_HINT}. "
             f"Set {BACKEND_ENV}=python to choose the fallback without this warning.",
             RuntimeWarning,
@@ -70,10 +129,13 @@ def _load():
         )
         _define_python_ops()
         return "python", f"compiled extension not loadable: {error}", {}
-    info = dict(_C.build_info())
+    info = dict(compiled.build_info())
+    _warn_if_built_for_another_torch(info["torch_version"])
     reason = "compiled extension labelsmooth_ext._C loaded"
     if info["torch_version"] != torch.__version__:
-        reason += f" (built against torch {info['torch_version']}, running {torch.__version__}: rebuild if it misbehaves)"
+        reason += f" (built against torch {info['torch_version']}, running {torch.__version__}: rebuild it)"
+    if not info["cuda_compiled"]:
+        _register_reference_for_cuda()
     return "compiled", reason, info
 
 

@@ -39,7 +39,7 @@ def _backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_sm
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     input, target, weight, ignore_index, label_smoothing, reduction = inputs
     _, lse = output
     ctx.save_for_backward(input, target, weight, lse)
@@ -69,11 +69,13 @@ def _probability_target_grad(grad_loss, input, weight, lse, label_smoothing, red
     return grad
 
 
-def _backward(ctx, grad_loss, grad_lse):
+def backward(ctx, grad_loss, grad_lse, backward_op=torch.ops.labelsmooth.ls_cross_entropy_backward):
+    """The forward op's autograd formula; backward_op is the backward op, or a wrapper of it that
+    torch.func transforms accept (_functorch.py)."""
     input, target, weight, lse = ctx.saved_tensors
     grad_input = grad_target = None
     if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.labelsmooth.ls_cross_entropy_backward(
+        grad_input = backward_op(
             grad_loss, input, target, weight, lse, ctx.ignore_index, ctx.label_smoothing, ctx.reduction
         )
     if ctx.needs_input_grad[1]:
@@ -85,17 +87,17 @@ def _backward(ctx, grad_loss, grad_lse):
     return grad_input, grad_target, None, None, None, None
 
 
-torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
+torch.library.register_autograd(_FORWARD, backward, setup_context=setup_context)
 
 
-def _no_double_backward(ctx, grad_grad_input):
+def no_double_backward(ctx, grad_grad_input):
     raise NotImplementedError(
         "labelsmooth_ext: double backward (a gradient of the gradient, create_graph=True) is not supported"
     )
 
 
 # Without this rule autograd would silently treat the backward op as constant (a wrong second derivative).
-torch.library.register_autograd(_BACKWARD, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+torch.library.register_autograd(_BACKWARD, no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 # Autocast: no rule is registered on purpose. Ops without an autocast kernel fall through the autocast
 # dispatch keys, so bf16/fp16 logits reach the kernels as they are (they accumulate in fp32 themselves)

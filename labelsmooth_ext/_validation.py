@@ -5,6 +5,7 @@ calls of the compiled ops, and PyTorch's own where PyTorch raises. Target *value
 ops themselves, since that needs the data.
 """
 
+import contextlib
 import math
 import numbers
 
@@ -21,6 +22,16 @@ def reduction_code(reduction):
 
 
 def check_label_smoothing(label_smoothing):
+    """eps as a Python float. Like PyTorch, takes a real number or a 0-dim tensor that does not require grad
+    (reading such a tensor is a host sync: pass a float in hot loops)."""
+    if isinstance(label_smoothing, torch.Tensor):
+        if label_smoothing.dim() != 0 or label_smoothing.requires_grad or label_smoothing.is_complex():
+            raise TypeError(
+                "label_smoothing must be a float in [0, 1] or a 0-dim real tensor that does not require grad, got a "
+                f"tensor of shape {list(label_smoothing.shape)}"
+                + (" that requires grad" if label_smoothing.requires_grad else "")
+            )
+        label_smoothing = label_smoothing.item()
     if not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
     value = float(label_smoothing)
@@ -37,6 +48,17 @@ def check_ignore_index(ignore_index):
 
 def _shape(t):
     return list(t.shape)
+
+
+def _class_last_hint(input, target):
+    """How to call with logits whose classes are the last dim, e.g. an LLM's (B, T, V)."""
+    if input.dim() < 3 or list(target.shape) != _shape(input)[:-1]:
+        return ""
+    return (
+        ". The class dimension is dim 1, as in torch.nn.functional.cross_entropy; if the classes are the last dim "
+        "(LLM logits of shape (B, T, V)), pass input.flatten(0, -2) and target.flatten() (views of contiguous logits: "
+        "no copy)"
+    )
 
 
 def check_tensors(input, target, weight, ignore_index):
@@ -88,7 +110,7 @@ def check_tensors(input, target, weight, ignore_index):
         if _shape(target) != rows:
             raise RuntimeError(
                 f"labelsmooth cross_entropy: expected target of shape {rows} (the input's shape {_shape(input)} "
-                f"without the class dimension), got {_shape(target)}"
+                f"without the class dimension), got {_shape(target)}" + _class_last_hint(input, target)
             )
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
@@ -105,8 +127,23 @@ def check_tensors(input, target, weight, ignore_index):
     return probability
 
 
+@contextlib.contextmanager
+def _outside_jit_trace():
+    """Under torch.jit.trace, shapes are traced tensors and every comparison of them warns that the trace may
+    not generalize. The checks only read metadata and record nothing, so they run with tracing paused."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction):
     """All checks of an op call (reduction as its code 0/1/2); returns True for probability targets."""
+    if torch.jit.is_tracing():
+        with _outside_jit_trace():
+            return check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
     check_ignore_index(ignore_index)
     check_label_smoothing(label_smoothing)
     if reduction not in REDUCTIONS.values():
@@ -119,8 +156,9 @@ def check_target_values(target, classes, ignore_index):
     """IndexError for a class index neither in [0, classes) nor ignore_index (eager: names the value)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     expected = f"expected a class index in [0, {classes}) or ignore_index={ignore_index}"
-    if torch.compiler.is_compiling():
-        # Raising needs the value on the host; a compiled graph must not synchronise for it.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Raising needs the value on the host; a compiled graph must not synchronise for it, and a trace
+        # must not bake this call's data into the recorded program.
         torch._assert_async(~bad.any(), f"Target is out of bounds ({expected}).")
     elif bool(bad.any()):
         raise IndexError(f"Target {int(target[bad].flatten()[0])} is out of bounds ({expected}).")
