@@ -76,7 +76,10 @@ def main(seed=None):
     print("labelsmooth_ext self-check against torch.nn.functional.cross_entropy (float64 reference)")
     for key, value in info.items():
         print(f"  {key:22s} {value}")
-    generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time()))
+    if seed is None:
+        seed = int(time.time())
+    print(f"  {'seed':22s} {seed} (replay with --seed {seed})")
+    generator = torch.Generator().manual_seed(seed)
     print(f"\n  {'case':40s} {'loss rel err':>12s} {'grad rel err':>12s}  result")
     failures = 0
     for name, shape, dtype, options in CASES:

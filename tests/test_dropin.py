@@ -386,3 +386,14 @@ def test_build_without_cuda_kernels_runs_the_reference_on_cuda_tensors(gen):
     assert message.returncode == 0, message.stderr[-3000:]
     lines = [line for line in message.stderr.splitlines() if "no CUDA kernels" in line]
     assert len(lines) == 1 and "pip install --no-build-isolation -e ." in lines[0], message.stderr
+
+
+def test_check_command_prints_and_takes_its_seed(capsys):
+    from labelsmooth_ext.__main__ import main
+
+    assert main(["check", "--seed", "1234"]) == 0
+    out = capsys.readouterr().out
+    assert "--seed 1234" in out and "0 failed" in out
+    assert main(["check"]) == 0
+    drawn = [line for line in capsys.readouterr().out.splitlines() if "replay with --seed" in line]
+    assert len(drawn) == 1, "without --seed the check must print the seed it drew"
