@@ -6,8 +6,10 @@ the same thing; see that header for the derivations.
 
 Rows are processed in chunks of at most ``CHUNK_LOGITS`` logits (at least one row), with the class dim
 moved last only inside the chunk, so the N x K temporaries never exceed one chunk whatever the batch
-size, and large inputs are never copied whole. Only tensor ops are used, so this also traces under
-torch.compile and runs on any device.
+size, and large inputs are never copied whole. Each chunk goes through PyTorch's fused, vectorized
+(log-)softmax kernels and a few in-place passes over buffers that are allocated once per call and stay
+in the last-level cache, which is what makes this as fast as eager ``F.cross_entropy`` while holding far
+less memory. Only tensor ops are used, so this also traces under torch.compile and runs on any device.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from . import _validation
 
 __all__ = ["CHUNK_LOGITS", "ls_cross_entropy_forward", "ls_cross_entropy_backward"]
 
-# 2^22 fp32 logits are 16 MiB per temporary: big enough to amortise the Python loop, small enough
-# that a 256k-vocabulary batch does not need several full fp32 copies of the logits.
-CHUNK_LOGITS = 1 << 22
+# 2^18 fp32 logits are 1 MiB per buffer: big enough to amortise the per-op overhead, small enough that the
+# few passes over a chunk run from cache rather than from memory, and that the one or two buffers of a
+# call stay below the N x K temporaries of eager cross_entropy even for small batches.
+CHUNK_LOGITS = 1 << 18
 
 # ATen sums a single long reduction (one output, over 32768 elements) in per-thread pieces grouped by
 # the thread count, but several outputs each serially. Such sums are therefore taken over blocks of
@@ -73,10 +76,43 @@ def _row_chunks(row_shape: tuple[int, ...], num_classes: int) -> list[tuple]:
     return chunks
 
 
-def _rows_of(block: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """A (rows, classes) matrix of a class-last chunk; converting into contiguous memory first means
-    a chunk is copied at most once (by the conversion or by the reshape, never both)."""
-    return block.to(dtype, memory_format=torch.contiguous_format).reshape(-1, num_classes)
+class _ChunkBuffers:
+    """Scratch of one op call: named (rows, classes) matrices in the accumulation dtype, each backed by one
+    allocation of the largest chunk's size, so chunks reuse the same (cached) memory instead of faulting in
+    fresh pages every time."""
+
+    def __init__(self, largest_chunk: int, dtype: torch.dtype, device: torch.device):
+        self._size, self._dtype, self._device = largest_chunk, dtype, device
+        self._storage: dict[str, Tensor] = {}
+
+    def matrix(self, name: str, rows: int, num_classes: int) -> Tensor:
+        if name not in self._storage:
+            self._storage[name] = torch.empty(self._size, dtype=self._dtype, device=self._device)
+        return self._storage[name][: rows * num_classes].view(rows, num_classes)
+
+    def rows_of(self, block: Tensor, num_classes: int) -> tuple[Tensor, bool]:
+        """(matrix, owned): a class-last chunk of the logits as a (rows, classes) matrix in the accumulation
+        dtype -- the chunk itself where it already is one, else a copy in this call's buffer, which is then
+        `owned`: later passes may overwrite it (ops mixing dtypes would allocate a converted copy each time)."""
+        if block.dtype == self._dtype and block.is_contiguous():
+            return block.reshape(-1, num_classes), False
+        rows = block.numel() // num_classes if num_classes else 0
+        matrix = self.matrix("logits", rows, num_classes)
+        matrix.view(block.shape).copy_(block)
+        return matrix, True
+
+    def scratch_for(self, logits: Tensor, owned: bool) -> Tensor:
+        """Where a pass that replaces the logits writes: over them when they are this call's own copy."""
+        return logits if owned else self.matrix("scratch", *logits.shape)
+
+
+def _chunk_logits(index: tuple, row_shape: tuple[int, ...], num_classes: int) -> int:
+    """Logits in the chunk that `index` (ints and slices over the leading row dims) selects."""
+    rows = 1
+    for dim, selector in enumerate(index):
+        if isinstance(selector, slice):
+            rows *= len(range(*selector.indices(row_shape[dim])))
+    return rows * math.prod(row_shape[len(index):]) * num_classes
 
 
 def _sum_rows(values: Tensor) -> Tensor:
@@ -95,20 +131,19 @@ def _sum_all(values: Tensor) -> Tensor:
     return _sum_rows(values.reshape(1, -1)).squeeze(0)
 
 
-def _row_lse(logits: Tensor) -> Tensor:
-    """max + log sum exp(z - max), as the kernels compute it: an all -inf row gives -inf, and a +inf
-    logit gives NaN (exp(inf - inf)), which is what PyTorch's log_softmax gives there too (unlike
-    torch.logsumexp, which says +inf)."""
+def _log_softmax_and_lse(logits: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """log_softmax of a (rows, K) chunk into `out`, which may be the chunk itself (PyTorch's fused kernel:
+    (z - max) - log sum exp(z - max)), and each row's lse = max + log sum exp(z - max): the largest
+    log-probability, the one of the row's maximum, is exactly -log sum exp(z - max). An all -inf row or a
+    +inf logit give NaN, as in PyTorch."""
     row_max = logits.amax(dim=1)
-    shift = torch.where(row_max == -math.inf, torch.zeros_like(row_max), row_max)
-    return shift + torch.log(_sum_rows(torch.exp(logits - shift.unsqueeze(1))))
+    log_probs = torch.ops.aten._log_softmax.out(logits, 1, False, out=out)
+    return log_probs, row_max - log_probs.amax(dim=1)
 
 
-def _row_pivot(logits: Tensor) -> Tensor:
-    """The row's first logit when finite, else 0: sums taken relative to it keep a large common offset
-    from cancelling catastrophically in fp32."""
-    first = logits[:, 0]
-    return torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+def _weighted_row_sums(values: Tensor, weight: Tensor | None) -> Tensor:
+    """sum_c w_c v_c per row, multiplying `values` in place (the caller is done with them)."""
+    return _sum_rows(values if weight is None else values.mul_(weight))
 
 
 def _valid_and_safe_targets(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -116,6 +151,12 @@ def _valid_and_safe_targets(target: Tensor, ignore_index: int) -> tuple[Tensor, 
     weights never uses the ignore value as an index."""
     valid = target != ignore_index
     return valid, torch.where(valid, target, torch.zeros_like(target))
+
+
+def _target_offsets(safe_target: Tensor, num_classes: int) -> Tensor:
+    """Flat offsets of each row's target in a contiguous (rows, K) matrix (faster than gather/scatter on
+    dim 1, which take a slow path for short rows)."""
+    return torch.arange(safe_target.numel(), device=safe_target.device) * num_classes + safe_target
 
 
 def _target_weights(safe_target: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -137,43 +178,36 @@ def _mean_denominator(probability: bool, target: Tensor, weight: Tensor | None, 
 
 
 def _class_index_chunk_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                               eps: float) -> tuple[Tensor, Tensor]:
+                               eps: float, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    # loss = (1-eps) w_y (lse - z_y) + (eps/K) sum_c w_c (lse - z_c), with lse - z_c = -log_softmax(z)_c: the
+    # sum of log-probabilities has no cancellation (unlike S - K lse) and no underflow (it is not log(softmax)).
     num_classes = logits.shape[1]
     valid, safe_target = _valid_and_safe_targets(target, ignore_index)
-    lse = _row_lse(logits)
-    z_target = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    log_probs, lse = _log_softmax_and_lse(logits, scratch)
     w_target = _target_weights(safe_target, weight, logits.dtype)
-    loss = (1.0 - eps) * w_target * (lse - z_target)
+    loss = -(1.0 - eps) * w_target * log_probs.view(-1).take(_target_offsets(safe_target, num_classes))
     # eps == 0 skips the smoothing term, as PyTorch does: it would turn a -inf logit into NaN.
     if eps > 0:
-        pivot = _row_pivot(logits)
-        shifted = logits - pivot.unsqueeze(1)
-        if weight is None:
-            weight_total = float(num_classes)
-        else:
-            weight_total = _sum_all(weight)
-            shifted.mul_(weight)
-        loss = loss + (eps / num_classes) * (weight_total * (lse - pivot) - _sum_rows(shifted))
+        loss = loss - (eps / num_classes) * _weighted_row_sums(log_probs, weight)
     zero = torch.zeros_like(lse)
     return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
 
 
-def _smoothed_weighted_target(target: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """w_c * t'_c with t' = (1 - eps) t + eps / K, in fresh memory (the target chunk may be the caller's)."""
-    smoothed = (target * (1.0 - eps)).add_(eps / target.shape[1])
-    return smoothed if weight is None else smoothed.mul_(weight)
+def _smoothed_weighted_target(target: Tensor, weight: Tensor | None, eps: float, out: Tensor) -> Tensor:
+    """w_c t'_c with t' = (1 - eps) t + eps / K, computed in `out` ((rows, K), accumulation dtype) from a
+    class-last chunk of the targets in any dtype and layout (converted first, never rounded in it)."""
+    out.view(target.shape).copy_(target)
+    out.mul_(1.0 - eps).add_(eps / out.shape[1])
+    return out if weight is None else out.mul_(weight)
 
 
-def _probability_chunk_forward(logits: Tensor, target: Tensor, weight: Tensor | None,
-                               eps: float) -> tuple[Tensor, Tensor]:
-    lse = _row_lse(logits)
-    pivot = _row_pivot(logits)
-    weighted_target = _smoothed_weighted_target(target, weight, eps)
-    mass = _sum_rows(weighted_target)
-    # Relative to the pivot, so that a -inf logit with zero target mass gives NaN exactly where
-    # PyTorch's -(log_softmax * t') does.
-    shifted_dot = _sum_rows((logits - pivot.unsqueeze(1)).mul_(weighted_target))
-    return mass * (lse - pivot) - shifted_dot, lse
+def _probability_chunk_forward(logits: Tensor, target: Tensor, weight: Tensor | None, eps: float,
+                               scratch: Tensor, buffers: _ChunkBuffers) -> tuple[Tensor, Tensor]:
+    # loss = -sum_c w_c t'_c log_softmax(z)_c: PyTorch's own expression, so a -inf logit with zero target
+    # mass gives NaN exactly where PyTorch's does.
+    log_probs, lse = _log_softmax_and_lse(logits, scratch)
+    weighted_target = _smoothed_weighted_target(target, weight, eps, buffers.matrix("target", *logits.shape))
+    return -_sum_rows(weighted_target.mul_(log_probs)), lse
 
 
 def _problem(input: Tensor, target: Tensor, weight: Tensor | None):
@@ -201,15 +235,19 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
 
     loss_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
     lse_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
-    for index in _row_chunks(row_shape, num_classes):
-        logits = _rows_of(class_last[index], num_classes, acc)
+    chunks = _row_chunks(row_shape, num_classes)
+    largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
+    buffers = _ChunkBuffers(largest, acc, input.device)
+    for index in chunks:
+        logits, owned = buffers.rows_of(class_last[index], num_classes)
+        scratch = buffers.scratch_for(logits, owned)
         if probability:
-            chunk_target = _rows_of(target_source[index], num_classes, acc)
-            loss, lse = _probability_chunk_forward(logits, chunk_target, acc_weight, label_smoothing)
+            loss, lse = _probability_chunk_forward(logits, target_source[index], acc_weight, label_smoothing,
+                                                   scratch, buffers)
         else:
             chunk_target = target_source[index].reshape(-1)
             loss, lse = _class_index_chunk_forward(logits, chunk_target, acc_weight, ignore_index,
-                                                   label_smoothing)
+                                                   label_smoothing, scratch)
         chunk_row_shape = loss_rows[index].shape
         loss_rows[index].copy_(loss.view(chunk_row_shape))
         lse_rows[index].copy_(lse.view(chunk_row_shape))
@@ -223,34 +261,40 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
 
 
 def _class_index_chunk_backward(logits: Tensor, lse: Tensor, target: Tensor, upstream: Tensor,
-                                weight: Tensor | None, ignore_index: int, eps: float) -> Tensor:
+                                weight: Tensor | None, ignore_index: int, eps: float, scratch: Tensor,
+                                out: Tensor) -> Tensor:
     num_classes = logits.shape[1]
     valid, safe_target = _valid_and_safe_targets(target, ignore_index)
-    w_target = _target_weights(safe_target, weight, logits.dtype)
+    w_target = _target_weights(safe_target, weight, scratch.dtype)
     weight_total = float(num_classes) if weight is None else _sum_all(weight)
     smooth = eps / num_classes
-    # dL/dz_j = prob_scale * p_j - smooth_scale * w_j - [j = y] * target_scale
+    # Ignored rows get all-zero scales (their upstream may be inf: a mean over zero rows) and p = exp(z - inf)
+    # = 0, so their gradient is zero without a pass of its own.
+    upstream = torch.where(valid, upstream, torch.zeros_like(upstream))
+    lse = torch.where(valid, lse, torch.full_like(lse, math.inf))
+    # dL/dz_j = prob_scale * (p_j - [j = y] * target_scale / prob_scale) - smooth_scale * w_j: the target's
+    # own term is folded into p first, so the last pass can write the result (in any dtype) into `out`.
     prob_scale = upstream * ((1.0 - eps) * w_target + smooth * weight_total)
-    smooth_scale = upstream * smooth
     target_scale = upstream * (1.0 - eps) * w_target
-    grad = (logits - lse.unsqueeze(1)).exp_().mul_(prob_scale.unsqueeze(1))
-    if eps > 0:
-        if weight is None:
-            grad.sub_(smooth_scale.unsqueeze(1))
-        else:
-            grad.addcmul_(smooth_scale.unsqueeze(1), weight, value=-1.0)
-    grad.scatter_add_(1, safe_target.unsqueeze(1), -target_scale.unsqueeze(1))
-    # Ignored rows carry lse = 0 and a meaningless upstream gradient (inf for an all-ignored mean).
-    return grad.masked_fill_(~valid.unsqueeze(1), 0.0)
+    target_term = torch.where(prob_scale != 0, target_scale / prob_scale, torch.zeros_like(prob_scale))
+    prob_scale, smooth_scale = prob_scale.unsqueeze(1), (upstream * smooth).unsqueeze(1)
+    probs = torch.sub(logits, lse.unsqueeze(1), out=scratch).exp_()
+    probs.view(-1).index_add_(0, _target_offsets(safe_target, num_classes), -target_term)
+    if eps == 0:
+        return torch.mul(probs, prob_scale, out=out)
+    if weight is None:
+        return torch.addcmul(-smooth_scale, probs, prob_scale, out=out)
+    return torch.addcmul(probs.mul_(prob_scale), smooth_scale, weight, value=-1.0, out=out)
 
 
 def _probability_chunk_backward(logits: Tensor, lse: Tensor, target: Tensor, upstream: Tensor,
-                                weight: Tensor | None, eps: float) -> Tensor:
+                                weight: Tensor | None, eps: float, scratch: Tensor, out: Tensor,
+                                buffers: _ChunkBuffers) -> Tensor:
     # dL/dz_j = g * (mass * p_j - w_j t'_j)
-    weighted_target = _smoothed_weighted_target(target, weight, eps)
+    weighted_target = _smoothed_weighted_target(target, weight, eps, buffers.matrix("target", *logits.shape))
     mass = _sum_rows(weighted_target)
-    grad = (logits - lse.unsqueeze(1)).exp_().mul_(mass.unsqueeze(1)).sub_(weighted_target)
-    return grad.mul_(upstream.unsqueeze(1))
+    probs = torch.sub(logits, lse.unsqueeze(1), out=scratch).exp_().mul_((upstream * mass).unsqueeze(1))
+    return torch.addcmul(probs, weighted_target, upstream.unsqueeze(1), value=-1.0, out=out)
 
 
 def ls_cross_entropy_backward(grad_loss: Tensor, input: Tensor, target: Tensor, weight: Tensor | None,
@@ -271,18 +315,27 @@ def ls_cross_entropy_backward(grad_loss: Tensor, input: Tensor, target: Tensor, 
 
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_class_last = grad_input.movedim(class_dim, -1)
-    for index in _row_chunks(row_shape, num_classes):
-        logits = _rows_of(class_last[index], num_classes, acc)
+    chunks = _row_chunks(row_shape, num_classes)
+    largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
+    buffers = _ChunkBuffers(largest, acc, input.device)
+    for index in chunks:
+        logits, owned = buffers.rows_of(class_last[index], num_classes)
         chunk_lse = acc_lse[index].reshape(-1)
         upstream = upstream_rows[index].reshape(-1)
+        chunk_out = grad_class_last[index]
+        scratch = buffers.scratch_for(logits, owned)
+        # The last op writes straight into the gradient where the chunk of it is a plain matrix of the
+        # accumulation dtype; otherwise it works in place and one copy converts (an op writing into another
+        # dtype would allocate a temporary of its own).
+        direct = chunk_out.is_contiguous() and chunk_out.dtype == acc
+        out = chunk_out.view(logits.shape) if direct else scratch
         if probability:
-            chunk_target = _rows_of(target_source[index], num_classes, acc)
-            grad = _probability_chunk_backward(logits, chunk_lse, chunk_target, upstream, acc_weight,
-                                               label_smoothing)
+            grad = _probability_chunk_backward(logits, chunk_lse, target_source[index], upstream, acc_weight,
+                                               label_smoothing, scratch, out, buffers)
         else:
             chunk_target = target_source[index].reshape(-1)
             grad = _class_index_chunk_backward(logits, chunk_lse, chunk_target, upstream, acc_weight,
-                                               ignore_index, label_smoothing)
-        chunk_out = grad_class_last[index]
-        chunk_out.copy_(grad.view(chunk_out.shape))
+                                               ignore_index, label_smoothing, scratch, out)
+        if not direct:
+            chunk_out.copy_(grad.view(chunk_out.shape))
     return grad_input
