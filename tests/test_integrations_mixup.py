@@ -37,14 +37,16 @@ def _targets(shape, classes, gen, ignore):
 
 
 def _lam(kind, rows, gen):
-    """(lam as passed, lam in float64 broadcast over the row shape `rows`)."""
+    """(lam as passed, lam in float64 broadcast over the row shape `rows`); per-sample lam as (N,) or as
+    timm's per-sample modes give it, (N, 1)."""
     value = torch.rand((), generator=gen, dtype=torch.float64)
     if kind == "float":
         return float(value), value.expand(rows)
     if kind == "tensor":
         return value.to(torch.float32), value.to(torch.float32).to(torch.float64).expand(rows)
     per_sample = torch.rand(rows[0], generator=gen, dtype=torch.float64).to(torch.float32)
-    return per_sample, per_sample.to(torch.float64).view([rows[0]] + [1] * (len(rows) - 1)).expand(rows)
+    broadcast = per_sample.to(torch.float64).view([rows[0]] + [1] * (len(rows) - 1)).expand(rows)
+    return (per_sample if kind == "per_sample" else per_sample.unsqueeze(1)), broadcast
 
 
 def _smoothed_one_hot(target, classes, eps):
@@ -118,7 +120,7 @@ def _tolerances(x, target_a, target_b, mix, weight, eps, reduction, grad_output,
 
 
 SHAPES = [(13, 7), (5, 6, 3)]
-LAM_KINDS = ("float", "tensor", "per_sample")
+LAM_KINDS = ("float", "tensor", "per_sample", "per_sample_column")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -128,7 +130,7 @@ LAM_KINDS = ("float", "tensor", "per_sample")
 def test_equals_explicit_soft_target(gen, dtype, reduction, weighted, ignore):
     cases = [(shape, eps) for shape in SHAPES for eps in (0.0, float(torch.rand((), generator=gen)) * 0.3, 1.0)]
     for case, (shape, eps) in enumerate(cases):
-        lam_kind = LAM_KINDS[case % len(LAM_KINDS)]  # each kind of lam meets every shape
+        lam_kind = LAM_KINDS[case % len(LAM_KINDS)]  # the kinds of lam take turns over the cases
         classes = shape[1]
         rows = [shape[0]] + list(shape[2:])
         x = randn(shape, gen, dtype, scale=3.0).requires_grad_()
@@ -216,22 +218,22 @@ def timm_float64():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_timm_soft_target_cross_entropy_of_mixup_target(gen, timm_float64, dtype):
+@pytest.mark.parametrize("lam_kind", ["float", "per_sample_column"])  # timm's batch / elem and pair modes
+def test_timm_soft_target_cross_entropy_of_mixup_target(gen, timm_float64, dtype, lam_kind):
     from timm.data.mixup import mixup_target
     from timm.loss import SoftTargetCrossEntropy
 
     classes, eps = 11, 0.1
     x = randn((16, classes), gen, dtype, scale=3.0).requires_grad_()
     target = torch.randint(0, classes, (16,), generator=gen)
-    lam = float(torch.rand((), generator=gen))
+    lam, mix = _lam(lam_kind, [16], gen)
     loss = mixup_cross_entropy(x, target, target.flip(0), lam, label_smoothing=eps)
     (grad,) = torch.autograd.grad(loss, x)
 
     z = x.detach().to(torch.float64).requires_grad_()
-    soft = mixup_target(target, classes, lam=lam, smoothing=eps)
+    soft = mixup_target(target, classes, lam=lam if lam_kind == "float" else lam.to(torch.float64), smoothing=eps)
     timm_loss = SoftTargetCrossEntropy()(z, soft)
     (timm_grad,) = torch.autograd.grad(timm_loss, z)
-    mix = torch.full((16,), lam, dtype=torch.float64)
     _, _, ref_error = _soft_target_reference(x, target, target.flip(0), mix, None, eps, "mean", torch.ones(()))
     loss_tol, grad_tol = _tolerances(x, target, target.flip(0), mix, None, eps, "mean", torch.ones(()), ref_error)
     assert_within(loss, timm_loss, loss_tol, "loss vs timm SoftTargetCrossEntropy(mixup_target)")
@@ -273,8 +275,8 @@ def _call(gen, **overrides):
     (dict(lam=True), TypeError, r"lam must be a float in \[0, 1\] or a tensor, got bool"),
     (dict(lam="0.5"), TypeError, r"lam must be a float in \[0, 1\] or a tensor, got str"),
     (dict(lam=torch.tensor(1)), TypeError, r"lam must be a float or a floating-point tensor, got torch.int64"),
-    (dict(lam=torch.rand(3)), ValueError, r"lam must have shape \(\) or \(4,\), one per sample, got \[3\]"),
-    (dict(lam=torch.rand(4, 1)), ValueError, r"lam must have shape \(\) or \(4,\), one per sample, got \[4, 1\]"),
+    (dict(lam=torch.rand(3)), ValueError, r"lam must have shape \(\), \(4,\) or \(4, 1\), one per sample, got \[3\]"),
+    (dict(lam=torch.rand(1, 4)), ValueError, r"lam must have shape \(\), \(4,\) or \(4, 1\), one per sample, got \[1, 4\]"),
     (dict(lam=torch.rand((), device="meta")), RuntimeError, r"lam is on meta but input is on cpu"),
     (dict(target_a=torch.rand(4, 5)), TypeError, r"takes class indices as target_a, got a torch.float32 tensor"),
     (dict(target_b=[3, 2, 1, 0]), TypeError, r"target_b must be a tensor of class indices, got list"),

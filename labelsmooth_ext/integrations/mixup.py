@@ -44,7 +44,7 @@ def _check_targets(target_a, target_b):
 
 def _mix_weight(lam, input, row_shape):
     """lam as a number in [0, 1], or as a tensor broadcast over the rows: 0-dim, or one value per sample
-    (shape (N,) for input (N, C, d1, ...))."""
+    (shape (N,), or (N, 1) as timm's per-sample modes give it, for input (N, C, d1, ...))."""
     if isinstance(lam, torch.Tensor):
         if not lam.is_floating_point():
             raise TypeError(f"labelsmooth_ext: lam must be a float or a floating-point tensor, got {lam.dtype}")
@@ -52,12 +52,12 @@ def _mix_weight(lam, input, row_shape):
             raise RuntimeError(f"labelsmooth_ext: lam is on {lam.device} but input is on {input.device}")
         if lam.dim() == 0:
             return lam
-        if len(row_shape) == 0 or list(lam.shape) != [row_shape[0]]:
-            per_sample = f" or ({row_shape[0]},), one per sample" if row_shape else ""
+        if len(row_shape) == 0 or list(lam.shape) not in ([row_shape[0]], [row_shape[0], 1]):
+            per_sample = f", ({row_shape[0]},) or ({row_shape[0]}, 1), one per sample" if row_shape else ""
             raise ValueError(
                 f"labelsmooth_ext: lam must have shape (){per_sample}, got {list(lam.shape)}"
             )
-        return lam.view([row_shape[0]] + [1] * (len(row_shape) - 1))
+        return lam.reshape([row_shape[0]] + [1] * (len(row_shape) - 1))
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
         raise TypeError(f"labelsmooth_ext: lam must be a float in [0, 1] or a tensor, got {type(lam).__name__}")
     if not 0.0 <= float(lam) <= 1.0:  # also rejects NaN
@@ -75,7 +75,7 @@ def mixup_cross_entropy(input, target_a, target_b, lam, weight=None, *, ignore_i
     * ``target_a``, ``target_b``: class indices of the same shape (for timm's ``Mixup``: the batch's
       targets and the same flipped, ``target.flip(0)``).
     * ``lam``: the weight of ``target_a``; a number in [0, 1], a 0-dim tensor or one value per sample
-      (shape (N,)). The values of a tensor are not checked (that would need a host read).
+      (shape (N,) or (N, 1)). The values of a tensor are not checked (that would need a host read).
     * ``weight``: optional class weights: each row's loss is ``sum_c weight[c] q_c (lse - z_c)``.
     * ``ignore_index``: a component whose class is ``ignore_index`` adds nothing to its row (the row is
       scored against the other component's part of q alone).
