@@ -7,9 +7,9 @@
 Both keep transformers' semantics (tested against transformers' own ForCausalLMLoss and LabelSmoother):
 labels are shifted by one position, ``ignore_index`` tokens are left out, and a given
 ``num_items_in_batch`` (gradient accumulation) makes the loss a sum divided by it. What changes is the
-cost: the logits are neither copied (transformers slices them for the shift and upcasts bf16/fp16 to
-float32) nor turned into a log-softmax; the labels are shifted instead, by padding them on the right
-with ``ignore_index``.
+cost: the logits are neither copied (transformers' LabelSmoother slices and copies them for the shift,
+its ForCausalLMLoss makes a float32 copy of bf16/fp16 logits) nor turned into a log-softmax; the labels
+are shifted instead, by padding them on the right with ``ignore_index``.
 """
 
 import dataclasses
