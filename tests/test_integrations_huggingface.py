@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
@@ -38,6 +37,7 @@ from conftest import (  # noqa: E402
 
 IGNORE = -100
 VOCAB = 40
+LEARNING_RATE = 0.5  # of the Trainer run: plain SGD at a constant rate, no clipping
 
 
 def _tiny_llama(gen, dtype=torch.float32, **overrides):
@@ -102,24 +102,27 @@ def _head_weight_bound(hidden, grad_a, grad_b, logits_grad_bound, dtype):
         (flat(grad_a).T @ h + flat(grad_b).T @ h)
 
 
-class _LogitsAndHidden:
-    """The model's logits (with their gradient) and the lm_head's input, captured during forward/backward."""
-
-    def __init__(self, model):
-        self.hidden = None
-        model.lm_head.register_forward_pre_hook(self._keep_input)
-
-    def _keep_input(self, module, args):
-        self.hidden = args[0].detach()
-
-
-def _model_loss_and_grads(model, input_ids, labels, **kwargs):
-    capture = _LogitsAndHidden(model)
+def _forward_backward(model, loss_of):
+    """(outputs, loss) = loss_of(model), then the backward of the loss; returns the loss, the logits, their
+    gradient, the lm_head's input and the lm_head weight's gradient."""
+    hidden = []
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: hidden.append(args[0].detach()))
     model.zero_grad(set_to_none=True)
-    out = model(input_ids=input_ids, labels=labels, **kwargs)
+    try:
+        out, loss = loss_of(model)
+    finally:
+        handle.remove()
     out.logits.retain_grad()
-    out.loss.backward()
-    return out.loss.detach(), out.logits.detach(), out.logits.grad, capture.hidden, model.lm_head.weight.grad.clone()
+    loss.backward()
+    return loss.detach(), out.logits.detach(), out.logits.grad, hidden[0], model.lm_head.weight.grad.clone()
+
+
+def _model_loss(input_ids, labels, **kwargs):
+    """The model's own loss: model(input_ids, labels=labels, ...).loss."""
+    def loss_of(model):
+        out = model(input_ids=input_ids, labels=labels, **kwargs)
+        return out, out.loss
+    return loss_of
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,19 +229,15 @@ def test_model_float32_matches_transformers(gen, num_items_kind, eps):
     num_items = _num_items(num_items_kind, shifted)
     kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
     if eps == 0.0:
-        theirs = _model_loss_and_grads(model, input_ids, labels, **kwargs)
+        theirs = _forward_backward(model, _model_loss(input_ids, labels, **kwargs))
     else:
-        smoother = TransformersLabelSmoother(epsilon=eps)
-        capture = _LogitsAndHidden(model)
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=input_ids)
-        out.logits.retain_grad()
-        loss = smoother(out, labels, shift_labels=True, num_items_in_batch=num_items)
-        loss.backward()
-        theirs = (loss.detach(), out.logits.detach(), out.logits.grad, capture.hidden,
-                  model.lm_head.weight.grad.clone())
+        def smoothed_loss_of(model):  # what the Trainer does with label_smoothing_factor set
+            out = model(input_ids=input_ids)
+            smoother = TransformersLabelSmoother(epsilon=eps)
+            return out, smoother(out, labels, shift_labels=True, num_items_in_batch=num_items)
+        theirs = _forward_backward(model, smoothed_loss_of)
     assert huggingface.install(model, label_smoothing=eps) is model
-    loss, logits, logits_grad, hidden, head_grad = _model_loss_and_grads(model, input_ids, labels, **kwargs)
+    loss, logits, logits_grad, hidden, head_grad = _forward_backward(model, _model_loss(input_ids, labels, **kwargs))
     their_loss, their_logits, their_logits_grad, _, their_head_grad = theirs
     assert torch.equal(logits, their_logits)  # the same forward, so the losses see the same logits
     _, _, loss_tol, grad_tol = _bounds(logits, shifted, eps, num_items)
@@ -257,7 +256,7 @@ def test_model_float64_matches_float64_reference(gen, num_items_kind):
     num_items = _num_items(num_items_kind, shifted)
     kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
     huggingface.install(model, label_smoothing=0.1)
-    loss, logits, logits_grad, hidden, head_grad = _model_loss_and_grads(model, input_ids, labels, **kwargs)
+    loss, logits, logits_grad, hidden, head_grad = _forward_backward(model, _model_loss(input_ids, labels, **kwargs))
     assert loss.dtype == torch.float64
     ref_loss, ref_grad, loss_tol, grad_tol = _bounds(logits, shifted, 0.1, num_items)
     assert_within(loss, ref_loss, loss_tol, "loss")
@@ -296,11 +295,11 @@ def _train_once(gen_seed, dataset, eps, ours, tmp_path):
     model.lm_head.register_forward_pre_hook(lambda module, args: hidden.append(args[0].detach()))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, max_steps=1, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, learning_rate=0.5, lr_scheduler_type="constant",
+                             gradient_accumulation_steps=2, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
                              max_grad_norm=0.0, label_smoothing_factor=eps, seed=gen_seed,
                              dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None))
+                      optimizers=(torch.optim.SGD(model.parameters(), lr=LEARNING_RATE), None))
     if ours:
         assert huggingface.install(trainer) is trainer
         assert isinstance(trainer.label_smoother, huggingface.LabelSmoother) == (eps != 0)
@@ -343,7 +342,7 @@ def test_trainer_run_matches_transformers(gen, eps, tmp_path):
     # W - lr * dW, rounded in float32 (both the product and the difference).
     u = unit_roundoff(torch.float32)
     update = (head_before.to(torch.float64) - head.to(torch.float64)).abs()
-    bound = 0.5 * head_bound + 2 * u * (head_before.to(torch.float64).abs() + 2 * update)
+    bound = LEARNING_RATE * head_bound + 2 * u * (head_before.to(torch.float64).abs() + 2 * update)
     assert_within(head, their_head, bound, "lm_head weight after the step")
 
 
