@@ -64,31 +64,39 @@ def _reject_batched_weight(weight_dim):
         )
 
 
+def _is_probability(batched_input, batched_target):
+    return batched_target.shape == batched_input.shape and batched_target.is_floating_point()
+
+
 @torch.library.register_vmap("labelsmooth::ls_cross_entropy_forward")
-def _forward_vmap(info, in_dims, input, target, weight, ignore_index, label_smoothing, reduction):
+def _forward_vmap(info, in_dims, input, target, weight, ignore_index, label_smoothing, smoothing, softcap,
+                  reduction):
     input_dim, target_dim, weight_dim = in_dims[:3]
     _reject_batched_weight(weight_dim)
     batch = info.batch_size
     input = _batch_first(input, input_dim, batch)
     target = _batch_first(target, target_dim, batch)
     row_shape = _sample_row_shape(input)
-    row_loss, lse = _OPS.ls_cross_entropy_forward(
+    row_loss, lse, mass = _OPS.ls_cross_entropy_forward(
         _rows_of_batch(input, input), _rows_of_batch(target, input), weight, ignore_index, label_smoothing,
-        _registration.REDUCTION_NONE,
+        smoothing, softcap, _registration.REDUCTION_NONE,
     )
     row_loss = row_loss.reshape(batch, *row_shape)
     lse = lse.reshape(batch, *row_shape)
+    # Probability targets: one mass per row, batched like lse; class indices: an empty tensor, unbatched.
+    mass, mass_dim = (mass.reshape(batch, *row_shape), 0) if _is_probability(input, target) else (mass, None)
     if reduction == _registration.REDUCTION_NONE:
-        return (row_loss, lse), (0, 0)
+        return (row_loss, lse, mass), (0, 0, mass_dim)
     loss = row_loss.reshape(batch, -1).sum(dim=1)
     if reduction == _registration.REDUCTION_MEAN:
         loss = loss / _mean_denominators(input, target, weight, ignore_index, row_loss.dtype)
-    return (loss, lse), (0, 0)
+    return (loss, lse, mass), (0, 0, mass_dim)
 
 
 @torch.library.register_vmap("labelsmooth::ls_cross_entropy_backward")
-def _backward_vmap(info, in_dims, grad_loss, input, target, weight, lse, ignore_index, label_smoothing, reduction):
-    grad_dim, input_dim, target_dim, weight_dim, lse_dim = in_dims[:5]
+def _backward_vmap(info, in_dims, grad_loss, grad_lse, input, target, weight, lse, target_mass, ignore_index,
+                   label_smoothing, smoothing, softcap, reduction):
+    grad_dim, grad_lse_dim, input_dim, target_dim, weight_dim, lse_dim, mass_dim = in_dims[:7]
     _reject_batched_weight(weight_dim)
     batch = info.batch_size
     input = _batch_first(input, input_dim, batch)
@@ -103,9 +111,14 @@ def _backward_vmap(info, in_dims, grad_loss, input, target, weight, lse, ignore_
             grad_loss = grad_loss / _mean_denominators(input, target, weight, ignore_index, lse.dtype)
         grad_loss = grad_loss.reshape(batch, *([1] * len(row_shape))).expand(batch, *row_shape)
     flat_lse = _rows_of_batch(lse, input)
+    if grad_lse is not None:
+        grad_lse = _rows_of_batch(_batch_first(grad_lse, grad_lse_dim, batch), input).reshape(flat_lse.shape)
+    if _is_probability(input, target):
+        target_mass = _rows_of_batch(_batch_first(target_mass, mass_dim, batch), input).reshape(flat_lse.shape)
     grad_input = _OPS.ls_cross_entropy_backward(
-        grad_loss.reshape(flat_lse.shape), _rows_of_batch(input, input), _rows_of_batch(target, input), weight,
-        flat_lse, ignore_index, label_smoothing, _registration.REDUCTION_NONE,
+        grad_loss.reshape(flat_lse.shape), grad_lse, _rows_of_batch(input, input), _rows_of_batch(target, input),
+        weight, flat_lse, target_mass, ignore_index, label_smoothing, smoothing, softcap,
+        _registration.REDUCTION_NONE,
     )
     return grad_input.reshape(input.shape), 0
 
@@ -142,12 +155,13 @@ class _ForwardUnderTransforms(torch.autograd.Function):
         _registration.setup_context(ctx, inputs, output)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        return _registration.backward(ctx, grad_loss, grad_lse, backward_op=_BackwardUnderTransforms.apply)
+    def backward(ctx, grad_loss, grad_lse, grad_target_mass):
+        return _registration.backward(ctx, grad_loss, grad_lse, grad_target_mass,
+                                      backward_op=_BackwardUnderTransforms.apply)
 
 
-def forward(input, target, weight, ignore_index, label_smoothing, reduction):
+def forward(*args):
     """ls_cross_entropy_forward, callable inside torch.func transforms as well as outside them."""
     if torch._C._are_functorch_transforms_active():
-        return _ForwardUnderTransforms.apply(input, target, weight, ignore_index, label_smoothing, reduction)
-    return _OPS.ls_cross_entropy_forward(input, target, weight, ignore_index, label_smoothing, reduction)
+        return _ForwardUnderTransforms.apply(*args)
+    return _OPS.ls_cross_entropy_forward(*args)

@@ -5,7 +5,7 @@ Registered once, for whichever backend _backend.py defined the ops with.
 
 import torch
 
-from . import _validation
+from . import _validation, _weight_gradient
 
 _FORWARD = "labelsmooth::ls_cross_entropy_forward"
 _BACKWARD = "labelsmooth::ls_cross_entropy_backward"
@@ -25,66 +25,48 @@ def row_shape(input):
 # The fakes check the arguments too: they also serve as the Meta kernel, which the dispatcher picks
 # for a call in which any tensor is on the meta device.
 @torch.library.register_fake(_FORWARD)
-def _forward_fake(input, target, weight, ignore_index, label_smoothing, reduction):
-    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
+def _forward_fake(input, target, weight, ignore_index, label_smoothing, smoothing, softcap, reduction):
+    probability = _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing,
+                                                 softcap, reduction)
     acc = accumulation_dtype(input.dtype)
     rows = row_shape(input)
     loss = input.new_empty(rows if reduction == REDUCTION_NONE else (), dtype=acc)
-    return loss, input.new_empty(rows, dtype=acc)
+    return loss, input.new_empty(rows, dtype=acc), input.new_empty(rows if probability else (0,), dtype=acc)
 
 
 @torch.library.register_fake(_BACKWARD)
-def _backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing, reduction):
-    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
+def _backward_fake(grad_loss, grad_lse, input, target, weight, lse, target_mass, ignore_index, label_smoothing,
+                   smoothing, softcap, reduction):
+    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing, softcap,
+                                   reduction)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 def setup_context(ctx, inputs, output):
-    input, target, weight, ignore_index, label_smoothing, reduction = inputs
-    _, lse = output
-    ctx.save_for_backward(input, target, weight, lse)
-    ctx.ignore_index = ignore_index
-    ctx.label_smoothing = label_smoothing
-    ctx.reduction = reduction
-    # lse is saved for the backward, not a result to differentiate.
-    ctx.mark_non_differentiable(lse)
+    input, target, weight, *options = inputs
+    _, lse, target_mass = output
+    ctx.save_for_backward(input, target, weight, lse, target_mass)
+    ctx.options = tuple(options)  # ignore_index, label_smoothing, smoothing, softcap, reduction
+    # target_mass is saved for the backward, not a result to differentiate; lse is differentiable (z-loss,
+    # a returned lse), its gradient is the softmax.
+    ctx.mark_non_differentiable(target_mass)
 
 
-def _probability_target_grad(grad_loss, input, weight, lse, label_smoothing, reduction):
-    """d loss / d target for class-probability targets: g_row * (1 - eps) * w_c * (lse_row - z_c)."""
-    class_dim = 0 if input.dim() == 1 else 1
-    acc = lse.dtype
-    rows = lse.numel()
-    if reduction == REDUCTION_NONE:
-        g = grad_loss.to(acc).unsqueeze(class_dim)
-    elif reduction == REDUCTION_MEAN:
-        g = grad_loss.to(acc) / rows
-    else:
-        g = grad_loss.to(acc)
-    grad = (lse.unsqueeze(class_dim) - input.to(acc)) * (g * (1.0 - label_smoothing))
-    if weight is not None:
-        shape = [1] * input.dim()
-        shape[class_dim] = -1
-        grad = grad * weight.to(acc).view(shape)
-    return grad
-
-
-def backward(ctx, grad_loss, grad_lse, backward_op=torch.ops.labelsmooth.ls_cross_entropy_backward):
+def backward(ctx, grad_loss, grad_lse, grad_target_mass,
+             backward_op=torch.ops.labelsmooth.ls_cross_entropy_backward):
     """The forward op's autograd formula; backward_op is the backward op, or a wrapper of it that
     torch.func transforms accept (_functorch.py)."""
-    input, target, weight, lse = ctx.saved_tensors
-    grad_input = grad_target = None
+    input, target, weight, lse, target_mass = ctx.saved_tensors
+    ignore_index, label_smoothing, smoothing, softcap, reduction = ctx.options
+    grad_input = grad_target = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_input = backward_op(
-            grad_loss, input, target, weight, lse, ctx.ignore_index, ctx.label_smoothing, ctx.reduction
-        )
+        grad_input = backward_op(grad_loss, grad_lse, input, target, weight, lse, target_mass, *ctx.options)
     if ctx.needs_input_grad[1]:
-        grad_target = _probability_target_grad(
-            grad_loss, input, weight, lse, ctx.label_smoothing, ctx.reduction
-        ).to(target.dtype)
+        grad_target = _weight_gradient.probability_target_gradient(
+            grad_loss, input, weight, lse, label_smoothing, softcap, reduction).to(target.dtype)
     if ctx.needs_input_grad[2]:
-        raise NotImplementedError("labelsmooth_ext: the gradient with respect to `weight` is not implemented")
-    return grad_input, grad_target, None, None, None, None
+        grad_weight = _weight_gradient.class_weight_gradient(grad_loss, input, target, weight, lse, *ctx.options)
+    return grad_input, grad_target, grad_weight, None, None, None, None, None
 
 
 torch.library.register_autograd(_FORWARD, backward, setup_context=setup_context)

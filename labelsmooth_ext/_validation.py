@@ -12,6 +12,8 @@ import numbers
 import torch
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+# The op's `int smoothing`: where the smoothing mass eps goes (see smoothing_code).
+SMOOTHING_CONVENTIONS = {"uniform": 0, "others": 1}
 _CLASS_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
 
@@ -37,6 +39,58 @@ def check_label_smoothing(label_smoothing):
     value = float(label_smoothing)
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {value}")
+    return value
+
+
+def smoothing_code(smoothing):
+    """'uniform' (PyTorch's: q = (1 - eps) onehot + eps / K, the true class gets eps / K too) or 'others'
+    (fairseq's and Megatron's: 1 - eps on the true class, eps / (K - 1) on each other class)."""
+    if smoothing not in SMOOTHING_CONVENTIONS:
+        raise ValueError(f"smoothing={smoothing!r} is not valid: expected 'uniform' (PyTorch's convention, eps / K on "
+                         "every class) or 'others' (eps / (K - 1) on the other classes only)")
+    return SMOOTHING_CONVENTIONS[smoothing]
+
+
+def _real_option(name, value, expected):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    return float(value)
+
+
+def check_z_loss(z_loss):
+    value = _real_option("z_loss", z_loss, "a float >= 0")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"z_loss must be a finite float >= 0 (the weight of z_loss * lse^2), got {value}")
+    return value
+
+
+def check_softcap(softcap):
+    """None (no capping) or c > 0: logits are read as c * tanh(z / c)."""
+    if softcap is None:
+        return None
+    value = _real_option("softcap", softcap, "None or a float > 0")
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"softcap must be None or a finite float > 0 (logits become softcap * tanh(z / softcap)), "
+                         f"got {value}")
+    return value
+
+
+def check_normalizer(normalizer, reduction):
+    """None, a float > 0 or a 0-dim floating tensor (not checked for > 0: that would need its value on the
+    host); only with reduction='mean', whose denominator it replaces."""
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"normalizer replaces the denominator of reduction='mean'; it cannot be used with "
+                         f"reduction={reduction!r}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or not normalizer.is_floating_point():
+            raise TypeError(f"normalizer must be a float > 0 or a 0-dim floating point tensor, got a {normalizer.dtype} "
+                            f"tensor of shape {list(normalizer.shape)}")
+        return normalizer
+    value = _real_option("normalizer", normalizer, "None, a float > 0 or a 0-dim floating point tensor")
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"normalizer must be > 0 (the number of tokens to divide the sum by), got {value}")
     return value
 
 
@@ -139,17 +193,32 @@ def _outside_jit_trace():
         torch._C._set_tracing_state(state)
 
 
-def check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction):
-    """All checks of an op call (reduction as its code 0/1/2); returns True for probability targets."""
+def check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing, softcap, reduction):
+    """All checks of an op call (smoothing and reduction as their codes); returns True for probability
+    targets."""
     if torch.jit.is_tracing():
         with _outside_jit_trace():
-            return check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
+            return check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing, softcap,
+                                      reduction)
     check_ignore_index(ignore_index)
-    check_label_smoothing(label_smoothing)
+    eps = check_label_smoothing(label_smoothing)
+    check_softcap(softcap)
     if reduction not in REDUCTIONS.values():
         raise ValueError(f"labelsmooth cross_entropy: reduction code {reduction} is not valid (expected 0 = none, "
                          "1 = mean, 2 = sum)")
-    return check_tensors(input, target, weight, ignore_index)
+    if smoothing not in SMOOTHING_CONVENTIONS.values():
+        raise ValueError(f"labelsmooth cross_entropy: smoothing code {smoothing} is not valid (expected 0 = uniform, "
+                         "1 = others)")
+    probability = check_tensors(input, target, weight, ignore_index)
+    if smoothing == SMOOTHING_CONVENTIONS["others"]:
+        if probability:
+            raise ValueError("smoothing='others' is defined for class-index targets only; with class probabilities "
+                             "use smoothing='uniform'")
+        classes = input.shape[0 if input.dim() == 1 else 1]
+        if eps > 0 and classes < 2:
+            raise ValueError(f"smoothing='others' spreads label_smoothing={eps} over the other classes, but the input "
+                             f"has {classes} class(es)")
+    return probability
 
 
 def check_target_values(target, classes, ignore_index):

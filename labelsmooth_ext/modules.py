@@ -17,17 +17,34 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0):
+                 label_smoothing=0.0, *, z_loss=0.0, softcap=None, smoothing="uniform", return_lse=False,
+                 return_z_loss=False):
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a tensor or None, got {type(weight).__name__}")
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         _validation.check_ignore_index(self.ignore_index)
         _validation.reduction_code(self.reduction)
         _validation.check_label_smoothing(self.label_smoothing)
+        self.z_loss = _validation.check_z_loss(z_loss)
+        self.softcap = _validation.check_softcap(softcap)
+        _validation.smoothing_code(smoothing)
+        self.smoothing = smoothing
+        self.return_lse = bool(return_lse)
+        self.return_z_loss = bool(return_z_loss)
 
-    def forward(self, input, target):
+    def forward(self, input, target, *, normalizer=None):
+        """The loss of labelsmooth_ext.cross_entropy with this module's options; `normalizer` (per call, e.g.
+        the global token count of a gradient-accumulation step) replaces the mean's denominator."""
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                             label_smoothing=self.label_smoothing)
+                             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                             smoothing=self.smoothing, normalizer=normalizer, return_lse=self.return_lse,
+                             return_z_loss=self.return_z_loss)
+
+    def extra_repr(self):
+        # PyTorch's module shows nothing; ours names only the options that differ from their defaults.
+        options = {"z_loss": (self.z_loss, 0.0), "softcap": (self.softcap, None), "smoothing": (self.smoothing,
+                   "uniform"), "return_lse": (self.return_lse, False), "return_z_loss": (self.return_z_loss, False)}
+        return ", ".join(f"{name}={value!r}" for name, (value, default) in options.items() if value != default)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this before compiling; fail here, with a way forward, rather than deep

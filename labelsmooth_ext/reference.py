@@ -35,6 +35,7 @@ _SUM_BLOCK = 4096
 
 _REDUCTION_NONE = 0
 _REDUCTION_MEAN = 1
+_SMOOTHING_OTHERS = 1
 
 
 def _accumulation_dtype(input: Tensor) -> torch.dtype:
@@ -141,6 +142,20 @@ def _log_softmax_and_lse(logits: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     return log_probs, row_max - log_probs.amax(dim=1)
 
 
+def uniform_smoothing(label_smoothing: float, smoothing: int, num_classes: int) -> float:
+    """The eps of PyTorch's convention that gives the same smoothed target: 'others' (1 - eps on the true
+    class, eps / (K - 1) on each other one) is 'uniform' with eps * K / (K - 1). Mirrors the C++ version in
+    csrc/kernels/ls_row_math.h."""
+    if smoothing == _SMOOTHING_OTHERS and num_classes > 1:
+        return label_smoothing * num_classes / (num_classes - 1)
+    return label_smoothing
+
+
+def _softcapped(logits: Tensor, softcap: float, out: Tensor) -> Tensor:
+    """softcap * tanh(z / softcap) into `out`, which may be `logits` itself."""
+    return torch.div(logits, softcap, out=out).tanh_().mul_(softcap)
+
+
 def _weighted_row_sums(values: Tensor, weight: Tensor | None) -> Tensor:
     """sum_c w_c v_c per row, multiplying `values` in place (the caller is done with them)."""
     return _sum_rows(values if weight is None else values.mul_(weight))
@@ -202,12 +217,22 @@ def _smoothed_weighted_target(target: Tensor, weight: Tensor | None, eps: float,
 
 
 def _probability_chunk_forward(logits: Tensor, target: Tensor, weight: Tensor | None, eps: float,
-                               scratch: Tensor, buffers: _ChunkBuffers) -> tuple[Tensor, Tensor]:
+                               scratch: Tensor, buffers: _ChunkBuffers) -> tuple[Tensor, Tensor, Tensor]:
     # loss = -sum_c w_c t'_c log_softmax(z)_c: PyTorch's own expression, so a -inf logit with zero target
-    # mass gives NaN exactly where PyTorch's does.
+    # mass gives NaN exactly where PyTorch's does. The mass sum_c w_c t'_c is saved for the backward.
     log_probs, lse = _log_softmax_and_lse(logits, scratch)
     weighted_target = _smoothed_weighted_target(target, weight, eps, buffers.matrix("target", *logits.shape))
-    return -_sum_rows(weighted_target.mul_(log_probs)), lse
+    mass = _sum_rows(weighted_target)
+    return -_sum_rows(weighted_target.mul_(log_probs)), lse, mass
+
+
+def _capped_rows(block: Tensor, num_classes: int, softcap: float | None,
+                 buffers: _ChunkBuffers) -> tuple[Tensor, bool]:
+    """(matrix, owned) of a chunk as the loss reads it: the logits, or softcap * tanh(z / softcap) in a buffer."""
+    logits, owned = buffers.rows_of(block, num_classes)
+    if softcap is None:
+        return logits, owned
+    return _softcapped(logits, softcap, buffers.scratch_for(logits, owned)), True
 
 
 def _problem(input: Tensor, target: Tensor, weight: Tensor | None):
@@ -223,10 +248,13 @@ def _problem(input: Tensor, target: Tensor, weight: Tensor | None):
 
 
 def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                             label_smoothing: float, reduction: int) -> tuple[Tensor, Tensor]:
-    """Label-smoothed cross-entropy: (loss, lse), both in the accumulation dtype."""
-    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
+                             label_smoothing: float, smoothing: int, softcap: float | None,
+                             reduction: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Label-smoothed cross-entropy: (loss, lse, target_mass), all in the accumulation dtype."""
+    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing, softcap,
+                                   reduction)
     acc, class_dim, num_classes, class_last, row_shape, acc_weight, probability = _problem(input, target, weight)
+    eps = uniform_smoothing(label_smoothing, smoothing, num_classes)
     if probability:
         target_source = target.movedim(class_dim, -1)
     else:
@@ -235,34 +263,35 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
 
     loss_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
     lse_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
+    mass_rows = torch.zeros(row_shape if probability else (0,), dtype=acc, device=input.device)
     chunks = _row_chunks(row_shape, num_classes)
     largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
     buffers = _ChunkBuffers(largest, acc, input.device)
     for index in chunks:
-        logits, owned = buffers.rows_of(class_last[index], num_classes)
+        logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
         scratch = buffers.scratch_for(logits, owned)
+        chunk_row_shape = loss_rows[index].shape
         if probability:
-            loss, lse = _probability_chunk_forward(logits, target_source[index], acc_weight, label_smoothing,
-                                                   scratch, buffers)
+            loss, lse, mass = _probability_chunk_forward(logits, target_source[index], acc_weight, eps, scratch,
+                                                         buffers)
+            mass_rows[index].copy_(mass.view(chunk_row_shape))
         else:
             chunk_target = target_source[index].reshape(-1)
-            loss, lse = _class_index_chunk_forward(logits, chunk_target, acc_weight, ignore_index,
-                                                   label_smoothing, scratch)
-        chunk_row_shape = loss_rows[index].shape
+            loss, lse = _class_index_chunk_forward(logits, chunk_target, acc_weight, ignore_index, eps, scratch)
         loss_rows[index].copy_(loss.view(chunk_row_shape))
         lse_rows[index].copy_(lse.view(chunk_row_shape))
 
     if reduction == _REDUCTION_NONE:
-        return loss_rows, lse_rows
+        return loss_rows, lse_rows, mass_rows
     total = _sum_all(loss_rows)
     if reduction == _REDUCTION_MEAN:
         total = total / _mean_denominator(probability, target_source, acc_weight, ignore_index, acc)
-    return total, lse_rows
+    return total, lse_rows, mass_rows
 
 
-def _class_index_chunk_backward(logits: Tensor, lse: Tensor, target: Tensor, upstream: Tensor,
-                                weight: Tensor | None, ignore_index: int, eps: float, scratch: Tensor,
-                                out: Tensor) -> Tensor:
+def _class_index_chunk_backward(logits: Tensor, lse: Tensor, grad_lse: Tensor | None, target: Tensor,
+                                upstream: Tensor, weight: Tensor | None, ignore_index: int, eps: float,
+                                scratch: Tensor, out: Tensor) -> Tensor:
     num_classes = logits.shape[1]
     valid, safe_target = _valid_and_safe_targets(target, ignore_index)
     w_target = _target_weights(safe_target, weight, scratch.dtype)
@@ -270,40 +299,46 @@ def _class_index_chunk_backward(logits: Tensor, lse: Tensor, target: Tensor, ups
     smooth = eps / num_classes
     # Ignored rows get all-zero scales (their upstream may be inf: a mean over zero rows) and p = exp(z - inf)
     # = 0, so their gradient is zero without a pass of its own.
-    upstream = torch.where(valid, upstream, torch.zeros_like(upstream))
+    zero = torch.zeros_like(upstream)
+    upstream = torch.where(valid, upstream, zero)
     lse = torch.where(valid, lse, torch.full_like(lse, math.inf))
-    # dL/dz_j = prob_scale * (p_j - [j = y] * target_scale / prob_scale) - smooth_scale * w_j: the target's
-    # own term is folded into p first, so the last pass can write the result (in any dtype) into `out`.
+    # dL/dz_j = prob_scale * p_j - smooth_scale * w_j - [j = y] * target_scale; a gradient reaching lse
+    # (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
     prob_scale = upstream * ((1.0 - eps) * w_target + smooth * weight_total)
-    target_scale = upstream * (1.0 - eps) * w_target
-    target_term = torch.where(prob_scale != 0, target_scale / prob_scale, torch.zeros_like(prob_scale))
+    if grad_lse is not None:
+        prob_scale = prob_scale + torch.where(valid, grad_lse, zero)
     prob_scale, smooth_scale = prob_scale.unsqueeze(1), (upstream * smooth).unsqueeze(1)
     probs = torch.sub(logits, lse.unsqueeze(1), out=scratch).exp_()
-    probs.view(-1).index_add_(0, _target_offsets(safe_target, num_classes), -target_term)
     if eps == 0:
-        return torch.mul(probs, prob_scale, out=out)
-    if weight is None:
-        return torch.addcmul(-smooth_scale, probs, prob_scale, out=out)
-    return torch.addcmul(probs.mul_(prob_scale), smooth_scale, weight, value=-1.0, out=out)
+        grad = torch.mul(probs, prob_scale, out=out)
+    elif weight is None:
+        grad = torch.addcmul(-smooth_scale, probs, prob_scale, out=out)
+    else:
+        grad = torch.addcmul(probs.mul_(prob_scale), smooth_scale, weight, value=-1.0, out=out)
+    target_scale = upstream * (1.0 - eps) * w_target
+    return grad.view(-1).index_add_(0, _target_offsets(safe_target, num_classes), -target_scale).view(grad.shape)
 
 
-def _probability_chunk_backward(logits: Tensor, lse: Tensor, target: Tensor, upstream: Tensor,
-                                weight: Tensor | None, eps: float, scratch: Tensor, out: Tensor,
+def _probability_chunk_backward(logits: Tensor, lse: Tensor, grad_lse: Tensor | None, mass: Tensor, target: Tensor,
+                                upstream: Tensor, weight: Tensor | None, eps: float, scratch: Tensor, out: Tensor,
                                 buffers: _ChunkBuffers) -> Tensor:
-    # dL/dz_j = g * (mass * p_j - w_j t'_j)
+    # dL/dz_j = g * (mass * p_j - w_j t'_j) + grad_lse * p_j
     weighted_target = _smoothed_weighted_target(target, weight, eps, buffers.matrix("target", *logits.shape))
-    mass = _sum_rows(weighted_target)
-    probs = torch.sub(logits, lse.unsqueeze(1), out=scratch).exp_().mul_((upstream * mass).unsqueeze(1))
+    prob_scale = upstream * mass if grad_lse is None else upstream * mass + grad_lse
+    probs = torch.sub(logits, lse.unsqueeze(1), out=scratch).exp_().mul_(prob_scale.unsqueeze(1))
     return torch.addcmul(probs, weighted_target, upstream.unsqueeze(1), value=-1.0, out=out)
 
 
-def ls_cross_entropy_backward(grad_loss: Tensor, input: Tensor, target: Tensor, weight: Tensor | None,
-                              lse: Tensor, ignore_index: int, label_smoothing: float,
+def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input: Tensor, target: Tensor,
+                              weight: Tensor | None, lse: Tensor, target_mass: Tensor, ignore_index: int,
+                              label_smoothing: float, smoothing: int, softcap: float | None,
                               reduction: int) -> Tensor:
-    """Gradient of ls_cross_entropy_forward's loss with respect to input: input's shape and dtype,
-    contiguous. Trusts the target values (the forward checked them)."""
-    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, reduction)
+    """Gradient of ls_cross_entropy_forward's loss (and of its lse, by grad_lse) with respect to input: input's
+    shape and dtype, contiguous. Trusts the target values (the forward checked them)."""
+    _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing, softcap,
+                                   reduction)
     acc, class_dim, num_classes, class_last, row_shape, acc_weight, probability = _problem(input, target, weight)
+    eps = uniform_smoothing(label_smoothing, smoothing, num_classes)
     target_source = target.movedim(class_dim, -1) if probability else target.to(torch.int64)
     # The upstream gradient of every row: grad_loss itself for 'none', one value for 'sum' and 'mean'.
     upstream_rows = grad_loss.to(acc)
@@ -312,6 +347,7 @@ def ls_cross_entropy_backward(grad_loss: Tensor, input: Tensor, target: Tensor, 
         upstream_rows = upstream_rows / denominator
     upstream_rows = upstream_rows.expand(row_shape)
     acc_lse = lse.to(acc)
+    acc_grad_lse = None if grad_lse is None else grad_lse.to(acc).expand(row_shape)
 
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_class_last = grad_input.movedim(class_dim, -1)
@@ -319,23 +355,30 @@ def ls_cross_entropy_backward(grad_loss: Tensor, input: Tensor, target: Tensor, 
     largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
     buffers = _ChunkBuffers(largest, acc, input.device)
     for index in chunks:
-        logits, owned = buffers.rows_of(class_last[index], num_classes)
+        logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
         chunk_lse = acc_lse[index].reshape(-1)
+        chunk_grad_lse = None if acc_grad_lse is None else acc_grad_lse[index].reshape(-1)
         upstream = upstream_rows[index].reshape(-1)
         chunk_out = grad_class_last[index]
-        scratch = buffers.scratch_for(logits, owned)
         # The last op writes straight into the gradient where the chunk of it is a plain matrix of the
         # accumulation dtype; otherwise it works in place and one copy converts (an op writing into another
-        # dtype would allocate a temporary of its own).
+        # dtype would allocate a temporary of its own). With softcap the capped logits must survive until
+        # the chain rule through the tanh, so the probabilities get a buffer of their own.
         direct = chunk_out.is_contiguous() and chunk_out.dtype == acc
-        out = chunk_out.view(logits.shape) if direct else scratch
+        scratch = buffers.scratch_for(logits, owned) if softcap is None else buffers.matrix("probs", *logits.shape)
+        out = chunk_out.view(logits.shape) if direct and softcap is None else scratch
         if probability:
-            grad = _probability_chunk_backward(logits, chunk_lse, target_source[index], upstream, acc_weight,
-                                               label_smoothing, scratch, out, buffers)
+            grad = _probability_chunk_backward(logits, chunk_lse, chunk_grad_lse, target_mass[index].reshape(-1),
+                                               target_source[index], upstream, acc_weight, eps, scratch, out,
+                                               buffers)
         else:
             chunk_target = target_source[index].reshape(-1)
-            grad = _class_index_chunk_backward(logits, chunk_lse, chunk_target, upstream, acc_weight,
-                                               ignore_index, label_smoothing, scratch, out)
+            grad = _class_index_chunk_backward(logits, chunk_lse, chunk_grad_lse, chunk_target, upstream,
+                                               acc_weight, ignore_index, eps, scratch, out)
+        if softcap is not None:
+            # d(c tanh(z / c)) / dz = 1 - tanh^2(z / c) = 1 - (z' / c)^2, from the capped logits z'.
+            derivative = logits.div_(softcap).square_().neg_().add_(1.0)
+            grad = torch.mul(grad, derivative, out=chunk_out.view(logits.shape) if direct else grad)
         if not direct:
             chunk_out.copy_(grad.view(chunk_out.shape))
     return grad_input
