@@ -85,7 +85,8 @@ void throw_target_out_of_bounds(int64_t target, int64_t classes, int64_t ignore_
 
 PreparedInputs prepare_forward_inputs(const at::Tensor& input, const at::Tensor& target,
                                       const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                      double label_smoothing, int64_t reduction) {
+                                      double label_smoothing, int64_t smoothing, std::optional<double> softcap,
+                                      int64_t reduction, LossOptions* options) {
   check_input(input);
   TORCH_CHECK(target.device() == input.device(), "labelsmooth cross_entropy: target is on ", target.device(),
               " but input is on ", input.device());
@@ -93,6 +94,12 @@ PreparedInputs prepare_forward_inputs(const at::Tensor& input, const at::Tensor&
               "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "labelsmooth cross_entropy: reduction code ", reduction,
                     " is not valid (expected 0 = none, 1 = mean, 2 = sum)");
+  TORCH_CHECK_VALUE(smoothing == kSmoothingUniform || smoothing == kSmoothingOthers,
+                    "labelsmooth cross_entropy: smoothing code ", smoothing,
+                    " is not valid (expected 0 = uniform, 1 = others)");
+  TORCH_CHECK_VALUE(!softcap.has_value() || (*softcap > 0.0 && std::isfinite(*softcap)),
+                    "softcap must be None or a finite float > 0 (logits become softcap * tanh(z / softcap)), got ",
+                    softcap.value_or(0.0));
 
   const int64_t class_dim = input.dim() == 1 ? 0 : 1;
   PreparedInputs prepared;
@@ -133,32 +140,63 @@ PreparedInputs prepare_forward_inputs(const at::Tensor& input, const at::Tensor&
     prepared.target = target.to(at::kLong).contiguous();
   }
   if (weight.has_value() && weight->defined()) prepared.weight = weight->to(acc).contiguous();
+  if (smoothing == kSmoothingOthers) {
+    TORCH_CHECK_VALUE(!layout.probability_target,
+                      "smoothing='others' is defined for class-index targets only; with class probabilities use "
+                      "smoothing='uniform'");
+    TORCH_CHECK_VALUE(label_smoothing == 0.0 || layout.classes >= 2, "smoothing='others' spreads label_smoothing=",
+                      label_smoothing, " over the other classes, but the input has ", layout.classes, " class(es)");
+  }
+  options->eps = uniform_smoothing(label_smoothing, smoothing, layout.classes);
+  options->softcap = softcap.value_or(0.0);
+  options->ignore_index = ignore_index;
+  options->reduction = reduction;
   return prepared;
 }
 
-at::Tensor prepare_backward_grad(const at::Tensor& grad_loss, const at::Tensor& lse, const PreparedInputs& prepared,
-                                 int64_t reduction) {
+BackwardInputs prepare_backward_inputs(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                       const at::Tensor& lse, const at::Tensor& target_mass,
+                                       const PreparedInputs& prepared, int64_t reduction) {
   const ProblemLayout& layout = prepared.layout;
-  TORCH_CHECK(grad_loss.device() == prepared.input.device() && lse.device() == prepared.input.device(),
-              "labelsmooth cross_entropy backward: grad_loss and lse must be on the input's device ",
-              prepared.input.device(), ", got ", grad_loss.device(), " and ", lse.device());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(layout.row_shape),
-              "labelsmooth cross_entropy backward: expected lse of shape ", shape_string(layout.row_shape), ", got ",
-              shape_string(lse.sizes()));
-  TORCH_CHECK(lse.scalar_type() == accumulation_dtype(prepared.input.scalar_type()),
-              "labelsmooth cross_entropy backward: expected lse of dtype ",
-              accumulation_dtype(prepared.input.scalar_type()), ", got ", lse.scalar_type());
+  const at::ScalarType acc = accumulation_dtype(prepared.input.scalar_type());
+  const at::IntArrayRef rows(layout.row_shape);
+  TORCH_CHECK(grad_loss.device() == prepared.input.device() && lse.device() == prepared.input.device() &&
+                  target_mass.device() == prepared.input.device(),
+              "labelsmooth cross_entropy backward: grad_loss, lse and target_mass must be on the input's device ",
+              prepared.input.device(), ", got ", grad_loss.device(), ", ", lse.device(), " and ", target_mass.device());
+  TORCH_CHECK(lse.sizes() == rows, "labelsmooth cross_entropy backward: expected lse of shape ",
+              shape_string(rows), ", got ", shape_string(lse.sizes()));
+  TORCH_CHECK(lse.scalar_type() == acc, "labelsmooth cross_entropy backward: expected lse of dtype ", acc, ", got ",
+              lse.scalar_type());
+  if (layout.probability_target) {
+    TORCH_CHECK(target_mass.sizes() == rows && target_mass.scalar_type() == acc,
+                "labelsmooth cross_entropy backward: expected the forward's target_mass, of shape ",
+                shape_string(rows), " and dtype ", acc, ", got ", shape_string(target_mass.sizes()), " and ",
+                target_mass.scalar_type());
+  }
   if (reduction == kReductionNone) {
-    TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(layout.row_shape),
+    TORCH_CHECK(grad_loss.sizes() == rows,
                 "labelsmooth cross_entropy backward: with reduction='none' expected grad_loss of shape ",
-                shape_string(layout.row_shape), ", got ", shape_string(grad_loss.sizes()));
+                shape_string(rows), ", got ", shape_string(grad_loss.sizes()));
   } else {
     TORCH_CHECK(grad_loss.numel() == 1, "labelsmooth cross_entropy backward: expected a single-element grad_loss, "
                 "got shape ", shape_string(grad_loss.sizes()));
   }
   TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()),
               "labelsmooth cross_entropy backward: grad_loss must be floating point, got ", grad_loss.scalar_type());
-  return grad_loss.to(accumulation_dtype(prepared.input.scalar_type())).contiguous();
+  BackwardInputs inputs;
+  inputs.grad_loss = grad_loss.to(acc).contiguous();
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    TORCH_CHECK(grad_lse->sizes() == rows && at::isFloatingType(grad_lse->scalar_type()) &&
+                    grad_lse->device() == prepared.input.device(),
+                "labelsmooth cross_entropy backward: expected grad_lse of shape ", shape_string(rows),
+                " (floating point, on the input's device), got ", shape_string(grad_lse->sizes()), " ",
+                grad_lse->scalar_type(), " on ", grad_lse->device());
+    inputs.grad_lse = grad_lse->to(acc).contiguous();
+  }
+  inputs.lse = lse.contiguous();
+  if (layout.probability_target) inputs.target_mass = target_mass.contiguous();
+  return inputs;
 }
 
 }  // namespace labelsmooth

@@ -35,17 +35,35 @@ struct PreparedInputs {
 // float32 for fp16/bf16/fp32 logits, float64 for fp64 logits.
 at::ScalarType accumulation_dtype(at::ScalarType input_dtype);
 
+// The loss options of the op, checked: eps is already in the uniform convention (uniform_smoothing), and
+// softcap is 0 when the logits are not capped.
+struct LossOptions {
+  double eps = 0.0;
+  double softcap = 0.0;
+  int64_t ignore_index = -100;
+  int64_t reduction = 1;
+};
+
 // Checks every argument of ls_cross_entropy_forward (dtypes, shapes, devices, label_smoothing range,
-// reduction code) and raises a c10::Error naming the bad value and what was expected. Target values
-// are checked by the kernels (they need the data).
+// smoothing convention, softcap, reduction code) and raises a c10::Error naming the bad value and what was
+// expected. Target values are checked by the kernels (they need the data).
 PreparedInputs prepare_forward_inputs(const at::Tensor& input, const at::Tensor& target,
                                       const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                      double label_smoothing, int64_t reduction);
+                                      double label_smoothing, int64_t smoothing, std::optional<double> softcap,
+                                      int64_t reduction, LossOptions* options);
 
-// The same checks for the backward, plus grad_loss and lse shapes; returns grad_loss in the
-// accumulation dtype, contiguous.
-at::Tensor prepare_backward_grad(const at::Tensor& grad_loss, const at::Tensor& lse, const PreparedInputs& prepared,
-                                 int64_t reduction);
+// What the backward reads besides the forward's inputs, checked and in the form the kernels take
+// (accumulation dtype, contiguous): grad_loss, grad_lse (undefined when absent), lse and target_mass.
+struct BackwardInputs {
+  at::Tensor grad_loss;
+  at::Tensor grad_lse;
+  at::Tensor lse;
+  at::Tensor target_mass;
+};
+
+BackwardInputs prepare_backward_inputs(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                       const at::Tensor& lse, const at::Tensor& target_mass,
+                                       const PreparedInputs& prepared, int64_t reduction);
 
 // The message for a class index outside [0, classes) that is not ignore_index (IndexError).
 [[noreturn]] void throw_target_out_of_bounds(int64_t target, int64_t classes, int64_t ignore_index);

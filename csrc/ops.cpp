@@ -18,10 +18,12 @@ TORCH_LIBRARY(labelsmooth, m) {
   // Keep in sync with labelsmooth_ext/_schemas.py (a test compares them).
   m.def(
       "ls_cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction) -> (Tensor loss, Tensor lse)");
+      "float label_smoothing, int smoothing, float? softcap, int reduction) -> (Tensor loss, Tensor lse, "
+      "Tensor target_mass)");
   m.def(
-      "ls_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
-      "int ignore_index, float label_smoothing, int reduction) -> Tensor");
+      "ls_cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor target_mass, int ignore_index, float label_smoothing, int smoothing, float? softcap, "
+      "int reduction) -> Tensor");
 }
 
 namespace {

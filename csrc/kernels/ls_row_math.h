@@ -24,6 +24,34 @@ namespace labelsmooth {
 // Same numbering as at::Reduction, so the op's `int reduction` argument needs no translation.
 enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
 
+// The op's `int smoothing`: where the smoothing mass eps goes. kSmoothingUniform is PyTorch's convention,
+// q = (1 - eps) [c = y] + eps / K (the true class gets eps / K too); kSmoothingOthers is fairseq's and
+// Megatron's, q = (1 - eps) [c = y] + eps / (K - 1) [c != y] (class indices only).
+enum SmoothingConvention : int64_t { kSmoothingUniform = 0, kSmoothingOthers = 1 };
+
+// 'others' is 'uniform' with eps * K / (K - 1): then eps_u / K = eps / (K - 1) on every other class and
+// (1 - eps_u) + eps_u / K = 1 - eps on the true one. Every row formula below takes the uniform eps; hosts
+// convert once (labelsmooth_ext/reference.py mirrors this).
+inline double uniform_smoothing(double eps, int64_t convention, int64_t num_classes) {
+  return convention == kSmoothingOthers && num_classes > 1 ? eps * double(num_classes) / double(num_classes - 1)
+                                                           : eps;
+}
+
+// Logit soft-capping (Gemma 2): every logit z is read as z' = cap * tanh(z / cap), and the loss is that of
+// z'. Chain rule: dL/dz = dL/dz' * d z'/dz = dL/dz' * (1 - tanh^2(z / cap)) = dL/dz' * (1 - (z' / cap)^2),
+// so the backward needs only the capped value it recomputes. tanh is passed in so that each backend uses
+// its own (a vectorizable one on CPU, the hardware's on CUDA).
+template <typename acc_t>
+LS_HOST_DEVICE acc_t softcap_derivative(acc_t capped, acc_t cap) {
+  const acc_t t = capped / cap;
+  return acc_t(1) - t * t;
+}
+
+// A gradient reaching a row's lse (z-loss, a returned lse) flows on to the logits as grad_lse * p_j, since
+// d lse / d z_j = p_j. z-loss adds z * lse^2 per row (z_loss * w_y * lse^2 with class weights), so its
+// grad_lse is 2 * z_loss * w_y * lse * g: the kernels only ever see grad_lse, which folds into the
+// coefficient of p_j below (prob_scale), at no cost per element.
+
 // Running max and sum of exp(z - max) over part of a row; partial states merge in any grouping, and
 // the kernels merge them in a fixed order so results do not depend on the thread count.
 template <typename acc_t>
@@ -88,11 +116,11 @@ struct ClassIndexGradCoefs {
 };
 
 template <typename acc_t>
-LS_HOST_DEVICE ClassIndexGradCoefs<acc_t> class_index_grad_coefs(acc_t g, acc_t w_target, acc_t weight_total,
-                                                                 acc_t eps, int64_t num_classes) {
+LS_HOST_DEVICE ClassIndexGradCoefs<acc_t> class_index_grad_coefs(acc_t g, acc_t grad_lse, acc_t w_target,
+                                                                 acc_t weight_total, acc_t eps, int64_t num_classes) {
   const acc_t smooth = eps / acc_t(num_classes);
-  return ClassIndexGradCoefs<acc_t>{g * ((acc_t(1) - eps) * w_target + smooth * weight_total), g * smooth,
-                                    g * (acc_t(1) - eps) * w_target};
+  return ClassIndexGradCoefs<acc_t>{g * ((acc_t(1) - eps) * w_target + smooth * weight_total) + grad_lse,
+                                    g * smooth, g * (acc_t(1) - eps) * w_target};
 }
 
 template <typename acc_t>
@@ -117,10 +145,11 @@ LS_HOST_DEVICE acc_t probability_row_loss(acc_t lse, acc_t mass, acc_t shifted_w
   return mass * (lse - pivot) - shifted_weighted_target_dot;
 }
 
-// dL/dz_j = g * (mass * p_j - w_j t'_j)
+// dL/dz_j = g * (mass * p_j - w_j t'_j) + grad_lse * p_j. The mass is the forward's (saved per row).
 template <typename acc_t>
-LS_HOST_DEVICE acc_t probability_grad(acc_t g, acc_t mass, acc_t prob, acc_t weighted_smoothed_target) {
-  return g * (mass * prob - weighted_smoothed_target);
+LS_HOST_DEVICE acc_t probability_grad(acc_t g, acc_t grad_lse, acc_t mass, acc_t prob,
+                                      acc_t weighted_smoothed_target) {
+  return (g * mass + grad_lse) * prob - g * weighted_smoothed_target;
 }
 
 }  // namespace labelsmooth
