@@ -59,7 +59,7 @@ def _real_option(name, value, expected):
 
 def check_z_loss(z_loss):
     value = _real_option("z_loss", z_loss, "a float >= 0")
-    if not (value >= 0.0 and math.isfinite(value)):
+    if not 0.0 <= value < math.inf:  # comparisons only: torch.compile may pass a symbolic float
         raise ValueError(f"z_loss must be a finite float >= 0 (the weight of z_loss * lse^2), got {value}")
     return value
 
@@ -69,7 +69,7 @@ def check_softcap(softcap):
     if softcap is None:
         return None
     value = _real_option("softcap", softcap, "None or a float > 0")
-    if not (value > 0.0 and math.isfinite(value)):
+    if not 0.0 < value < math.inf:
         raise ValueError(f"softcap must be None or a finite float > 0 (logits become softcap * tanh(z / softcap)), "
                          f"got {value}")
     return value
@@ -89,7 +89,7 @@ def check_normalizer(normalizer, reduction):
                             f"tensor of shape {list(normalizer.shape)}")
         return normalizer
     value = _real_option("normalizer", normalizer, "None, a float > 0 or a 0-dim floating point tensor")
-    if not (value > 0.0 and math.isfinite(value)):
+    if not 0.0 < value < math.inf:
         raise ValueError(f"normalizer must be > 0 (the number of tokens to divide the sum by), got {value}")
     return value
 

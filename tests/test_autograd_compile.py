@@ -148,7 +148,7 @@ def _opcheck_samples(gen):
         eps = (0.0, 0.1, 1.0)[i % 3 - 1]
         if kind == "prob":
             samples.append((x, probability_target(shape, class_dim, gen, dtype, normalized=bool(i % 2)), weight,
-                            -100, eps, reduction))
+                            -100, eps, 0, (None, 3.0)[i % 2], reduction))
             continue
         rows = shape[:class_dim] + shape[class_dim + 1:]
         target = torch.randint(0, num_classes, rows, generator=gen)
@@ -156,10 +156,12 @@ def _opcheck_samples(gen):
         if target.dim():
             target.view(-1)[0] = ignore_index
         target = target.to({"int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}[kind])
-        samples.append((x, target, weight, ignore_index, eps, reduction))
+        smoothing = 1 if num_classes > 1 and i % 4 == 1 else 0
+        samples.append((x, target, weight, ignore_index, eps, smoothing, (None, 2.0)[i % 3 == 2], reduction))
     wide = randn((5, 12), gen, torch.float32)
-    samples.append((wide[:, :7], torch.randint(0, 7, (5,), generator=gen), None, -100, 0.1, 0))
-    samples.append((randn((9, 4), gen).t(), torch.randint(0, 9, (4,), generator=gen).to(torch.uint8), None, 255, 0.1, 1))
+    samples.append((wide[:, :7], torch.randint(0, 7, (5,), generator=gen), None, -100, 0.1, 0, None, 0))
+    samples.append((randn((9, 4), gen).t(), torch.randint(0, 9, (4,), generator=gen).to(torch.uint8), None, 255, 0.1,
+                    1, 2.5, 1))
     return samples
 
 
@@ -171,10 +173,13 @@ def test_opcheck_forward(gen):
 
 def test_opcheck_backward(gen):
     for args in _opcheck_samples(gen):
-        x, target, weight, ignore_index, eps, reduction = args
-        loss, lse = op_forward()(*args)
+        x, target, weight, ignore_index, eps, smoothing, softcap, reduction = args
+        loss, lse, mass = op_forward()(*args)
         grad_loss = grad_output_like(loss.shape, gen).to(loss.dtype)
-        torch.library.opcheck(op_backward(), (grad_loss, x, target, weight, lse, ignore_index, eps, reduction))
+        grad_lse = grad_output_like(lse.shape, gen).to(lse.dtype)
+        for upstream_lse in (None, grad_lse):
+            torch.library.opcheck(op_backward(), (grad_loss, upstream_lse, x, target, weight, lse, mass, ignore_index,
+                                                  eps, smoothing, softcap, reduction))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,8 +344,9 @@ def test_op_outputs_are_fresh_and_inputs_untouched(gen):
     x, target = _class_case(gen, (6, 9), torch.float32)
     weight = class_weight(9, gen, torch.float32)
     copies = [x.clone(), target.clone(), weight.clone()]
-    loss, lse = op_forward()(x, target, weight, -100, 0.1, REDUCTION_CODES["none"])
-    grad = op_backward()(torch.ones_like(loss), x, target, weight, lse, -100, 0.1, REDUCTION_CODES["none"])
+    loss, lse, mass = op_forward()(x, target, weight, -100, 0.1, 0, None, REDUCTION_CODES["none"])
+    grad = op_backward()(torch.ones_like(loss), None, x, target, weight, lse, mass, -100, 0.1, 0, None,
+                         REDUCTION_CODES["none"])
     for before, after in zip(copies, (x, target, weight)):
         assert torch.equal(before, after)
     assert grad.data_ptr() != x.data_ptr()

@@ -166,7 +166,7 @@ def test_lse_and_ignored_rows(dtype, shape_kind, gen):
     x_cpu = make_logits(shape_kind, 40, 3000, dtype, gen)
     target, ignore_index = make_target(x_cpu, "some", gen)
     x = to_cuda(x_cpu, shape_kind)
-    loss, lse = forward_op()(x, target.cuda(), None, ignore_index, 0.1, REDUCTION_CODES["none"])
+    loss, lse, _ = forward_op()(x, target.cuda(), None, ignore_index, 0.1, 0, None, REDUCTION_CODES["none"])
     assert lse.dtype == torch.float32 and loss.dtype == torch.float32
     ignored = target == ignore_index
     ref = torch.logsumexp(x_cpu.to(torch.float64), dim=1)
@@ -183,7 +183,7 @@ def test_nonfinite_logits_follow_pytorch(gen):
     target = torch.randint(0, 50, (6,), generator=gen)
     target[0] = 4
     for eps in (0.0, 0.1):
-        loss, _ = forward_op()(x.cuda(), target.cuda(), None, -100, eps, REDUCTION_CODES["none"])
+        loss, _, _ = forward_op()(x.cuda(), target.cuda(), None, -100, eps, 0, None, REDUCTION_CODES["none"])
         ref = torch.nn.functional.cross_entropy(x.double(), target, reduction="none", label_smoothing=eps)
         assert torch.equal(torch.isnan(loss.cpu()), torch.isnan(ref)), (loss, ref)
         assert torch.equal(torch.isinf(loss.cpu()), torch.isinf(ref)), (loss, ref)
@@ -224,8 +224,8 @@ def test_cuda_agrees_with_cpu(dtype, reduction, shape_kind, gen):
 
 
 def run_ops(x, target, weight, ignore_index, eps, code, grad_loss):
-    loss, lse = forward_op()(x, target, weight, ignore_index, eps, code)
-    grad = backward_op()(grad_loss, x, target, weight, lse, ignore_index, eps, code)
+    loss, lse, mass = forward_op()(x, target, weight, ignore_index, eps, 0, None, code)
+    grad = backward_op()(grad_loss, None, x, target, weight, lse, mass, ignore_index, eps, 0, None, code)
     return loss, lse, grad
 
 
@@ -324,10 +324,11 @@ def opcheck_samples(gen):
 
 def test_opcheck_forward_and_backward(gen):
     for x, target, weight, ignore_index, eps, code in opcheck_samples(gen):
-        torch.library.opcheck(forward_op().default, (x, target, weight, ignore_index, eps, code))
-        loss, lse = forward_op()(x, target, weight, ignore_index, eps, code)
+        torch.library.opcheck(forward_op().default, (x, target, weight, ignore_index, eps, 0, None, code))
+        loss, lse, mass = forward_op()(x, target, weight, ignore_index, eps, 0, None, code)
         grad_loss = grad_output_like(loss.shape, gen).cuda()
-        torch.library.opcheck(backward_op().default, (grad_loss, x, target, weight, lse, ignore_index, eps, code))
+        torch.library.opcheck(backward_op().default, (grad_loss, None, x, target, weight, lse, mass, ignore_index, eps,
+                                                      0, None, code))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -54,11 +54,17 @@ def _parameters(fn):
 
 
 def test_functional_signature_and_defaults_are_pytorchs():
-    assert _parameters(labelsmooth_ext.cross_entropy) == _parameters(F.cross_entropy)
+    """PyTorch's parameters first, in order, with PyTorch's defaults; our options after them, keyword-only."""
+    ours, theirs = _parameters(labelsmooth_ext.cross_entropy), _parameters(F.cross_entropy)
+    assert ours[: len(theirs)] == theirs
+    assert all(kind == inspect.Parameter.KEYWORD_ONLY for _, kind, _ in ours[len(theirs):])
 
 
 def test_module_signature_and_defaults_are_pytorchs():
-    assert _parameters(labelsmooth_ext.CrossEntropyLoss.__init__) == _parameters(torch.nn.CrossEntropyLoss.__init__)
+    ours = _parameters(labelsmooth_ext.CrossEntropyLoss.__init__)
+    theirs = _parameters(torch.nn.CrossEntropyLoss.__init__)
+    assert ours[: len(theirs)] == theirs
+    assert all(kind == inspect.Parameter.KEYWORD_ONLY for _, kind, _ in ours[len(theirs):])
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -168,7 +174,7 @@ def test_class_last_logits_get_a_hint(gen):
     with pytest.raises(RuntimeError, match=r"flatten\(0, -2\)"):
         labelsmooth_ext.cross_entropy(logits, labels)
     with pytest.raises(RuntimeError, match=r"flatten\(0, -2\)"):
-        FORWARD_OP(logits, labels, None, -100, 0.0, 1)
+        FORWARD_OP(logits, labels, None, -100, 0.0, 0, None, 1)
     ours = labelsmooth_ext.cross_entropy(logits.flatten(0, -2), labels.flatten(), label_smoothing=0.1)
     ref = F.cross_entropy(logits.double().transpose(1, 2), labels, label_smoothing=0.1)
     assert_within(ours, ref, loss_tolerance(logits.flatten(0, -2), labels.flatten(), None, -100, "mean", 0.1),
@@ -368,10 +374,10 @@ def test_build_without_cuda_kernels_runs_the_reference_on_cuda_tensors(gen):
     cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with warnings.catch_warnings(record=True):  # the once-per-process warning may have been given already
         warnings.simplefilter("always")
-        loss, lse = FORWARD_OP.redispatch(cuda_keys, x, target, None, -100, 0.1, 0)
+        loss, lse, mass = FORWARD_OP.redispatch(cuda_keys, x, target, None, -100, 0.1, 0, None, 0)
         upstream = grad_output_like(loss.shape, gen)
         grad_input = torch.ops.labelsmooth.ls_cross_entropy_backward.default.redispatch(
-            cuda_keys, upstream, x, target, None, lse, -100, 0.1, 0)
+            cuda_keys, upstream, None, x, target, None, lse, mass, -100, 0.1, 0, None, 0)
     ref_loss, ref_grad, _ = reference_loss_and_grads(x, target, None, -100, "none", 0.1, upstream)
     assert_within(loss, ref_loss, loss_tolerance(x, target, None, -100, "none", 0.1), "loss")
     assert_within(grad_input, ref_grad, grad_tolerance(x, target, None, -100, "none", 0.1, upstream, ref_grad), "grad")
@@ -381,7 +387,7 @@ def test_build_without_cuda_kernels_runs_the_reference_on_cuda_tensors(gen):
             "x = torch.randn(3, 4); t = torch.tensor([0, 1, 2])\n"
             "ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)\n"
             "op = torch.ops.labelsmooth.ls_cross_entropy_forward.default\n"
-            "op.redispatch(ks, x, t, None, -100, 0.1, 1); op.redispatch(ks, x, t, None, -100, 0.1, 1)\n")],
+            "op.redispatch(ks, x, t, None, -100, 0.1, 0, None, 1); op.redispatch(ks, x, t, None, -100, 0.1, 0, None, 1)\n")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert message.returncode == 0, message.stderr[-3000:]
     lines = [line for line in message.stderr.splitlines() if "no CUDA kernels" in line]

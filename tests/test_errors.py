@@ -106,7 +106,7 @@ def _call_api(input, target, weight, kwargs):
 
 def _call_forward_op(input, target, weight, kwargs):
     return op_forward()(input, target, weight, kwargs.get("ignore_index", -100), kwargs.get("label_smoothing", 0.1),
-                        REDUCTION_CODES[kwargs.get("reduction", "mean")])
+                        0, None, REDUCTION_CODES[kwargs.get("reduction", "mean")])
 
 
 def _call_module(input, target, weight, kwargs):
@@ -143,7 +143,7 @@ def test_unknown_reduction_is_value_error(reduction, caller, gen):
 def test_unknown_reduction_code_of_the_op(code, gen):
     input, target = _logits(gen), _targets([0, 1, 3, 2])
     with pytest.raises((ValueError, RuntimeError), match=rf"{code}\b"):
-        op_forward()(input, target, None, -100, 0.1, code)
+        op_forward()(input, target, None, -100, 0.1, 0, None, code)
 
 
 @pytest.mark.parametrize("caller", CALLERS)
@@ -177,20 +177,20 @@ def test_target_out_of_range_leaves_no_partial_result(gen):
 def _forward_for_backward(gen, reduction):
     input = _logits(gen, (6, 5))
     target = torch.randint(0, 5, (6,), generator=gen)
-    loss, lse = op_forward()(input, target, None, -100, 0.1, REDUCTION_CODES[reduction])
+    loss, lse, _ = op_forward()(input, target, None, -100, 0.1, 0, None, REDUCTION_CODES[reduction])
     return input, target, loss, lse
 
 
 def test_backward_op_rejects_grad_of_wrong_shape(gen):
     input, target, loss, lse = _forward_for_backward(gen, "none")
     with pytest.raises((RuntimeError, ValueError), match=r"\[5\]|\b5\b"):
-        op_backward()(torch.rand(5, generator=gen), input, target, None, lse, -100, 0.1, 0)
+        op_backward()(torch.rand(5, generator=gen), None, input, target, None, lse, lse[:0], -100, 0.1, 0, None, 0)
 
 
 def test_backward_op_rejects_lse_of_wrong_shape(gen):
     input, target, loss, lse = _forward_for_backward(gen, "sum")
     with pytest.raises((RuntimeError, ValueError), match=r"\[3\]|\b3\b"):
-        op_backward()(torch.rand((), generator=gen), input, target, None, lse[:3], -100, 0.1, 2)
+        op_backward()(torch.rand((), generator=gen), None, input, target, None, lse[:3], lse[:0], -100, 0.1, 0, None, 2)
 
 
 # ----------------------------------------------------------------------------------------------------

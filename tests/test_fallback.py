@@ -45,8 +45,9 @@ def test_reference_equals_compiled(case, gen):
     outputs = []
     for forward, backward in ((op_forward(), op_backward()),
                               (reference.ls_cross_entropy_forward, reference.ls_cross_entropy_backward)):
-        loss, lse = forward(logits, target, weight, ignore_index, eps, code)
-        grad = backward(grad_output.to(loss.dtype), logits, target, weight, lse, ignore_index, eps, code)
+        loss, lse, mass = forward(logits, target, weight, ignore_index, eps, 0, None, code)
+        grad = backward(grad_output.to(loss.dtype), None, logits, target, weight, lse, mass, ignore_index, eps, 0, None,
+                        code)
         outputs.append((loss, lse, grad))
     (loss_c, lse_c, grad_c), (loss_r, lse_r, grad_r) = outputs
     assert loss_c.dtype == loss_r.dtype and lse_c.dtype == lse_r.dtype and grad_c.dtype == grad_r.dtype

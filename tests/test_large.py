@@ -43,8 +43,8 @@ def _check(impl, x, target, weight, ignore_index, reduction, eps, gen):
         forward, backward = ((op_forward(), op_backward()) if impl == "compiled_op"
                              else (reference.ls_cross_entropy_forward, reference.ls_cross_entropy_backward))
         code = REDUCTION_CODES[reduction]
-        loss, lse = forward(x, target, weight, ignore_index, eps, code)
-        grad = backward(grad_output.to(loss.dtype), x, target, weight, lse, ignore_index, eps, code)
+        loss, lse, mass = forward(x, target, weight, ignore_index, eps, 0, None, code)
+        grad = backward(grad_output.to(loss.dtype), None, x, target, weight, lse, mass, ignore_index, eps, 0, None, code)
     ref_loss, ref_grad, _ = reference_loss_and_grads(x, target, weight, ignore_index, reduction, eps, grad_output)
     assert_within(loss, ref_loss, loss_tolerance(x, target, weight, ignore_index, reduction, eps), "loss")
     assert_within(grad, ref_grad, grad_tolerance(x, target, weight, ignore_index, reduction, eps, grad_output, ref_grad),

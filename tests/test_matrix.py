@@ -246,8 +246,8 @@ def build_case(case: dict, gen):
 def _run_op(forward, backward, inputs):
     logits, target, weight, ignore_index, reduction, eps, grad_output = inputs
     code = REDUCTION_CODES[reduction]
-    loss, lse = forward(logits, target, weight, ignore_index, eps, code)
-    grad = backward(grad_output.to(loss.dtype), logits, target, weight, lse, ignore_index, eps, code)
+    loss, lse, mass = forward(logits, target, weight, ignore_index, eps, 0, None, code)
+    grad = backward(grad_output.to(loss.dtype), None, logits, target, weight, lse, mass, ignore_index, eps, 0, None, code)
     assert grad.is_contiguous(), "grad_input must be contiguous"
     return loss, lse, grad
 

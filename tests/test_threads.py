@@ -42,8 +42,8 @@ def _run(impl, x, target, weight, reduction, grad_output):
     forward, backward = ((op_forward(), op_backward()) if impl == "active_op"
                          else (reference.ls_cross_entropy_forward, reference.ls_cross_entropy_backward))
     code = REDUCTION_CODES[reduction]
-    loss, lse = forward(x, target, weight, -100, 0.1, code)
-    grad = backward(grad_output.to(loss.dtype), x, target, weight, lse, -100, 0.1, code)
+    loss, lse, mass = forward(x, target, weight, -100, 0.1, 0, None, code)
+    grad = backward(grad_output.to(loss.dtype), None, x, target, weight, lse, mass, -100, 0.1, 0, None, code)
     return loss, lse, grad
 
 
