@@ -15,6 +15,7 @@
 // never on timing: no atomics anywhere.
 
 #include "cuda/ls_cross_entropy_kernels.cuh"
+#include "cuda/ls_launch.cuh"
 
 #include <cmath>
 #include <cstdint>
@@ -858,24 +859,21 @@ cudaError_t launch_forward_rows(const Op& op, const Problem& p, const LaunchPlan
                                 typename Op::acc_t* loss_partials, cudaStream_t stream) {
   if (plan.blocks == 0) return cudaSuccess;
   const int64_t rows = p.outer * p.inner;
-  const unsigned blocks = static_cast<unsigned>(plan.blocks);
+  const dim3 blocks(static_cast<unsigned>(plan.blocks));
   switch (plan.mapping) {
     case RowMapping::kShortRows:
-      forward_grouped_rows_kernel<Op, kShortRowLanes>
-          <<<blocks, kGroupBlockThreads, 0, stream>>>(op, rows, loss_partials);
-      break;
+      return launch_kernel<forward_grouped_rows_kernel<Op, kShortRowLanes>>(blocks, kGroupBlockThreads, stream, op,
+                                                                            rows, loss_partials);
     case RowMapping::kWarpRows:
-      forward_grouped_rows_kernel<Op, kWarp><<<blocks, kGroupBlockThreads, 0, stream>>>(op, rows, loss_partials);
-      break;
+      return launch_kernel<forward_grouped_rows_kernel<Op, kWarp>>(blocks, kGroupBlockThreads, stream, op, rows,
+                                                                   loss_partials);
     case RowMapping::kBlockRows:
-      forward_block_rows_kernel<Op><<<blocks, kRowBlockThreads, 0, stream>>>(op, rows, loss_partials);
-      break;
+      return launch_kernel<forward_block_rows_kernel<Op>>(blocks, kRowBlockThreads, stream, op, rows, loss_partials);
     case RowMapping::kInnerTiles:
-      forward_inner_tiles_kernel<Op>
-          <<<blocks, dim3(kTileRows, kTileSlices), 0, stream>>>(op, p.outer, p.inner, loss_partials);
-      break;
+      return launch_kernel<forward_inner_tiles_kernel<Op>>(blocks, dim3(kTileRows, kTileSlices), stream, op, p.outer,
+                                                           p.inner, loss_partials);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 template <typename Op>
@@ -883,22 +881,20 @@ cudaError_t launch_backward_rows(const Op& op, const Problem& p, size_t element_
   const LaunchPlan plan = plan_launch(p, element_size);
   if (plan.blocks == 0) return cudaSuccess;
   const int64_t rows = p.outer * p.inner;
-  const unsigned blocks = static_cast<unsigned>(plan.blocks);
+  const dim3 blocks(static_cast<unsigned>(plan.blocks));
   switch (plan.mapping) {
     case RowMapping::kShortRows:
-      backward_grouped_rows_kernel<Op, kShortRowLanes><<<blocks, kGroupBlockThreads, 0, stream>>>(op, rows);
-      break;
+      return launch_kernel<backward_grouped_rows_kernel<Op, kShortRowLanes>>(blocks, kGroupBlockThreads, stream, op,
+                                                                             rows);
     case RowMapping::kWarpRows:
-      backward_grouped_rows_kernel<Op, kWarp><<<blocks, kGroupBlockThreads, 0, stream>>>(op, rows);
-      break;
+      return launch_kernel<backward_grouped_rows_kernel<Op, kWarp>>(blocks, kGroupBlockThreads, stream, op, rows);
     case RowMapping::kBlockRows:
-      backward_block_rows_kernel<Op><<<blocks, kRowBlockThreads, 0, stream>>>(op, rows);
-      break;
+      return launch_kernel<backward_block_rows_kernel<Op>>(blocks, kRowBlockThreads, stream, op, rows);
     case RowMapping::kInnerTiles:
-      backward_inner_tiles_kernel<Op><<<blocks, dim3(kTileRows, kTileSlices), 0, stream>>>(op, p.outer, p.inner);
-      break;
+      return launch_kernel<backward_inner_tiles_kernel<Op>>(blocks, dim3(kTileRows, kTileSlices), stream, op,
+                                                            p.outer, p.inner);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 int64_t target_chunks(const Problem& p) { return ceil_div(p.outer * p.inner, kTargetRowsPerBlock); }
@@ -909,16 +905,15 @@ cudaError_t launch_check_targets(const Problem& p, const int64_t* target, const 
                                  cudaStream_t stream) {
   const int64_t chunks = target_chunks(p);
   if (chunks == 0) return cudaSuccess;
-  check_targets_kernel<<<static_cast<unsigned>(chunks), kReduceThreads, 0, stream>>>(
-      target, weight, p.outer * p.inner, p.classes, p.ignore_index, partials);
-  return cudaGetLastError();
+  return launch_kernel<check_targets_kernel<acc_t>>(dim3(static_cast<unsigned>(chunks)), kReduceThreads, stream,
+                                                    target, weight, p.outer * p.inner, p.classes, p.ignore_index,
+                                                    partials);
 }
 
 template <typename acc_t>
 cudaError_t launch_weight_total(const acc_t* weight, int64_t classes, acc_t* scratch, cudaStream_t stream) {
   if (weight == nullptr) return cudaSuccess;
-  sum_kernel<<<1, kReduceThreads, 0, stream>>>(weight, classes, scratch + kWeightTotalSlot);
-  return cudaGetLastError();
+  return launch_kernel<sum_kernel<acc_t>>(1, kReduceThreads, stream, weight, classes, scratch + kWeightTotalSlot);
 }
 
 // Runs the forward op over all rows, then (mean/sum) reduces the partials into *loss; the class-index
@@ -933,10 +928,9 @@ cudaError_t launch_forward(const Op& op, const Problem& p, size_t element_size, 
   cudaError_t status = launch_forward_rows(op, p, plan, loss_partials, stream);
   if (status != cudaSuccess || !reduce) return status;
   const acc_t* denominator_partials = class_index ? loss_partials + plan.blocks : nullptr;
-  finalize_loss_kernel<<<1, kReduceThreads, 0, stream>>>(loss_partials, plan.blocks, denominator_partials,
-                                                         target_chunks(p), static_cast<acc_t>(p.outer * p.inner),
-                                                         p.reduction, loss);
-  return cudaGetLastError();
+  return launch_kernel<finalize_loss_kernel<acc_t>>(1, kReduceThreads, stream, loss_partials, plan.blocks,
+                                                    denominator_partials, target_chunks(p),
+                                                    static_cast<acc_t>(p.outer * p.inner), p.reduction, loss);
 }
 
 }  // namespace
@@ -998,8 +992,8 @@ cudaError_t launch_backward_class_index(const Problem& p, const acc_type<scalar_
   if (status == cudaSuccess) status = launch_weight_total(weight, p.classes, scratch, stream);
   if (status != cudaSuccess) return status;
   if (mean) {
-    sum_kernel<<<1, kReduceThreads, 0, stream>>>(denominator_partials, target_chunks(p), scratch + kDenominatorSlot);
-    status = cudaGetLastError();
+    status = launch_kernel<sum_kernel<acc_t>>(1, kReduceThreads, stream, denominator_partials, target_chunks(p),
+                                              scratch + kDenominatorSlot);
     if (status != cudaSuccess) return status;
   }
   const BackwardClassIndex<scalar_t> op{grad_loss,
