@@ -55,6 +55,8 @@ FLAVOURS = {
     "asan": (["-fsanitize=address", *_UBSAN], ["-fsanitize=address", *_UBSAN], ["-fsanitize=address", *_UBSAN]),
     "tsan": (["-fsanitize=thread"], ["-fsanitize=thread"], ["-fsanitize=thread"]),
 }
+# The grid cap of the kernels (LS_MAX_GRID_BLOCKS) small enough that small problems run the grid-stride loops.
+SMALL_GRID_DEFINES = ("LS_MAX_GRID_BLOCKS=2",)
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 

@@ -19,6 +19,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -297,7 +298,7 @@ struct Region {
   std::atomic<uint64_t> read{0}, written{0};
 };
 
-std::vector<Region*> regions;
+std::vector<std::unique_ptr<Region>> regions;
 std::vector<LaunchTraffic> traffic_log;
 std::string counting_kernel;
 
@@ -305,7 +306,7 @@ std::string counting_kernel;
 
 void register_buffer(const char* name, const void* begin, size_t bytes, size_t guard_before, size_t guard_after) {
   const uintptr_t b = reinterpret_cast<uintptr_t>(begin);
-  regions.push_back(new Region{name, b - guard_before, b, b + bytes, b + bytes + guard_after});
+  regions.push_back(std::unique_ptr<Region>(new Region{name, b - guard_before, b, b + bytes, b + bytes + guard_after}));
 #if defined(__SANITIZE_ADDRESS__)
   ASAN_POISON_MEMORY_REGION(reinterpret_cast<const char*>(begin) - guard_before, guard_before);
   ASAN_POISON_MEMORY_REGION(reinterpret_cast<const char*>(begin) + bytes, guard_after);
@@ -314,25 +315,24 @@ void register_buffer(const char* name, const void* begin, size_t bytes, size_t g
 
 void unregister_buffer(const void* begin) {
   for (size_t i = 0; i < regions.size(); ++i) {
-    Region* r = regions[i];
+    const Region* r = regions[i].get();
     if (r->begin != reinterpret_cast<uintptr_t>(begin)) continue;
 #if defined(__SANITIZE_ADDRESS__)
     ASAN_UNPOISON_MEMORY_REGION(reinterpret_cast<void*>(r->guard_begin), r->guard_end - r->guard_begin);
 #endif
     regions.erase(regions.begin() + i);
-    delete r;
     return;
   }
 }
 
 void begin_counting(const char* kernel) {
   counting_kernel = kernel;
-  for (Region* r : regions) r->read = r->written = 0;
+  for (const auto& r : regions) r->read = r->written = 0;
 }
 
 void end_counting() {
   LaunchTraffic launch{counting_kernel, {}};
-  for (Region* r : regions) {
+  for (const auto& r : regions) {
     if (r->read != 0 || r->written != 0) launch.buffers.push_back({r->name, r->read.load(), r->written.load()});
   }
   traffic_log.push_back(launch);
@@ -343,7 +343,7 @@ const std::vector<LaunchTraffic>& traffic() { return traffic_log; }
 void count_access(uintptr_t address, size_t size, bool write) {
   if (thread_rank < 0) return;  // host code of the launch functions
   maybe_yield(5);
-  for (Region* r : regions) {
+  for (const auto& r : regions) {
     if (address >= r->guard_end || address + size <= r->guard_begin) continue;
     if (address < r->begin || address + size > r->end) {
       fail("out-of-bounds %s of %zu bytes at byte %lld of buffer '%s' (%llu bytes)", write ? "write" : "read", size,
