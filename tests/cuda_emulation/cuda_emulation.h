@@ -121,6 +121,10 @@ inline float __half2float(__half h) { return ls_emulation::half_bits_to_float(h.
 inline __half __float2half_rn(float f) { return __half{ls_emulation::float_to_half_bits(f)}; }
 inline float __bfloat162float(__nv_bfloat16 b) { return ls_emulation::bits_float(uint32_t(b.bits) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{ls_emulation::float_to_bfloat16_bits(f)}; }
+inline __nv_bfloat16 __float2bfloat16_rz(float f) {  // toward zero: drops the low 16 bits (NaN stays NaN)
+  const uint32_t u = ls_emulation::float_bits(f);
+  return __nv_bfloat16{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x0040u : u >> 16)};
+}
 
 // ---------------------------------------------------------------------------------------------
 // Device intrinsics.

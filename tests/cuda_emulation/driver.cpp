@@ -26,7 +26,8 @@ namespace {
 using labelsmooth::cuda::acc_type;
 using labelsmooth::cuda::Problem;
 
-constexpr size_t kGuardBytes = 64;
+// Wide enough that a read at a typical negative ignore_index (-100) lands in it.
+constexpr size_t kGuardBytes = 4096;
 constexpr int kLaunchFailed = 3;
 
 std::map<std::string, std::string> args;

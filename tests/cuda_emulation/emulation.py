@@ -60,45 +60,54 @@ SMALL_GRID_DEFINES = ("LS_MAX_GRID_BLOCKS=2",)
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-def _emulation_sources() -> list[Path]:
-    return sorted(HERE.glob("*.h")) + sorted(HERE.glob("include/*.h")) + [HERE / "emulator.cpp", HERE / "driver.cpp"]
+def _emulation_headers() -> list[Path]:
+    return sorted(HERE.glob("*.h")) + sorted(HERE.glob("include/*.h"))
 
 
 def _kernel_headers() -> list[Path]:
     return sorted((ROOT / "csrc" / "cuda").glob("*.cuh")) + sorted((ROOT / "csrc" / "kernels").glob("*.h"))
 
 
-def build_driver(flavour: str, kernel_source: Path = KERNEL_SOURCE, defines: tuple[str, ...] = ()) -> Path:
-    """The driver executable for `flavour` built from `kernel_source` (cached by content hash)."""
-    kernel_flags, host_flags, link_flags = FLAVOURS[flavour]
-    kernel_flags = [*kernel_flags, *(f"-D{d}" for d in defines)]
-    digest = hashlib.sha256()
-    for path in [kernel_source, *_kernel_headers(), *_emulation_sources()]:
+def _cached_object(source: Path, flags: list[str], depends: list[Path], language: tuple[str, ...] = ()) -> Path:
+    """`source` compiled with `flags` into the cache, keyed by the content of everything it reads."""
+    digest = hashlib.sha256(repr((_COMMON, flags, language)).encode())
+    for path in [source, *depends]:
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(repr((_COMMON, kernel_flags, host_flags, link_flags)).encode())
-    out = Path(tempfile.gettempdir()) / "labelsmooth_cuda_emulation" / f"{flavour}-{digest.hexdigest()[:20]}"
-    driver = out / "driver"
-    if driver.is_file():
-        return driver
-    out.mkdir(parents=True, exist_ok=True)
-    # The kernel file may be a patched copy elsewhere: its includes resolve against csrc.
-    compile_jobs = [
-        [GXX, *_COMMON, *kernel_flags, "-x", "c++", "-c", str(kernel_source), "-o", str(out / "kernels.o")],
-        [GXX, *_COMMON, *host_flags, "-c", str(HERE / "emulator.cpp"), "-o", str(out / "emulator.o")],
-        [GXX, *_COMMON, *host_flags, "-c", str(HERE / "driver.cpp"), "-o", str(out / "driver.o")],
-    ]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), compile_jobs))
-    for command, result in zip(compile_jobs, results):
+    cache = Path(tempfile.gettempdir()) / "labelsmooth_cuda_emulation"
+    cache.mkdir(parents=True, exist_ok=True)
+    obj = cache / f"{source.stem}-{digest.hexdigest()[:24]}.o"
+    if not obj.is_file():
+        partial = obj.with_suffix(f".{os.getpid()}.tmp")
+        command = [GXX, *_COMMON, *flags, *language, "-c", str(source), "-o", str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"emulated CUDA build failed: {' '.join(command)}\n{result.stderr[-6000:]}")
-    partial = out / f"driver.{os.getpid()}"
-    link = [GXX, *link_flags, str(out / "kernels.o"), str(out / "emulator.o"), str(out / "driver.o"), "-pthread",
-            "-o", str(partial)]
-    result = subprocess.run(link, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"emulated CUDA link failed: {' '.join(link)}\n{result.stderr[-6000:]}")
-    partial.replace(driver)  # atomic: concurrent sessions never see a half-written driver
+        partial.replace(obj)  # atomic: concurrent test runs never see a half-written object
+    return obj
+
+
+def build_driver(flavour: str, kernel_source: Path = KERNEL_SOURCE, defines: tuple[str, ...] = ()) -> Path:
+    """The driver executable for `flavour` built from `kernel_source` (a patched copy may live elsewhere:
+    its includes resolve against csrc). Every object is cached by content, so a patched kernel file
+    recompiles only itself."""
+    kernel_flags, host_flags, link_flags = FLAVOURS[flavour]
+    headers = [*_emulation_headers(), *_kernel_headers()]
+    jobs = [
+        (kernel_source, [*kernel_flags, *(f"-D{d}" for d in defines)], headers, ("-x", "c++")),
+        (HERE / "emulator.cpp", host_flags, headers, ()),
+        (HERE / "driver.cpp", host_flags, headers, ()),
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        objects = list(pool.map(lambda job: _cached_object(*job), jobs))
+    digest = hashlib.sha256(repr((link_flags, [o.name for o in objects])).encode()).hexdigest()[:24]
+    driver = objects[0].parent / f"driver-{flavour}-{digest}"
+    if not driver.is_file():
+        partial = driver.with_suffix(f".{os.getpid()}.tmp")
+        link = [GXX, *link_flags, *map(str, objects), "-pthread", "-o", str(partial)]
+        result = subprocess.run(link, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"emulated CUDA link failed: {' '.join(link)}\n{result.stderr[-6000:]}")
+        partial.replace(driver)
     return driver
 
 
