@@ -44,6 +44,7 @@ EMULATION_FAILURE = 86  # emulator.h: kEmulationFailure
 LAUNCH_FAILED = 3  # driver.cpp: a launch returned an error (a device-side assert)
 RUN_TIMEOUT_S = 300
 
+
 _COMMON = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-I", str(HERE / "include"), "-I", str(HERE),
            "-I", str(ROOT / "csrc")]
 _UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
@@ -55,6 +56,7 @@ FLAVOURS = {
     "asan": (["-fsanitize=address", *_UBSAN], ["-fsanitize=address", *_UBSAN], ["-fsanitize=address", *_UBSAN]),
     "tsan": (["-fsanitize=thread"], ["-fsanitize=thread"], ["-fsanitize=thread"]),
 }
+
 # The grid cap of the kernels (LS_MAX_GRID_BLOCKS) small enough that small problems run the grid-stride loops.
 SMALL_GRID_DEFINES = ("LS_MAX_GRID_BLOCKS=2",)
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -68,7 +70,7 @@ def _kernel_headers() -> list[Path]:
     return sorted((ROOT / "csrc" / "cuda").glob("*.cuh")) + sorted((ROOT / "csrc" / "kernels").glob("*.h"))
 
 
-def _cached_object(source: Path, flags: list[str], depends: list[Path], language: tuple[str, ...] = ()) -> Path:
+def compile_cached(source: Path, flags: list[str], depends: list[Path], language: tuple[str, ...] = ()) -> Path:
     """`source` compiled with `flags` into the cache, keyed by the content of everything it reads."""
     digest = hashlib.sha256(repr((_COMMON, flags, language)).encode())
     for path in [source, *depends]:
@@ -86,6 +88,28 @@ def _cached_object(source: Path, flags: list[str], depends: list[Path], language
     return obj
 
 
+def _link(objects: list[Path], link_flags: list[str], name: str) -> Path:
+    digest = hashlib.sha256(repr((link_flags, [o.name for o in objects])).encode()).hexdigest()[:24]
+    executable = objects[0].parent / f"{name}-{digest}"
+    if not executable.is_file():
+        partial = executable.with_suffix(f".{os.getpid()}.tmp")
+        link = [GXX, *link_flags, *map(str, objects), "-pthread", "-o", str(partial)]
+        result = subprocess.run(link, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"emulated CUDA link failed: {' '.join(link)}\n{result.stderr[-6000:]}")
+        partial.replace(executable)
+    return executable
+
+
+def build_program(source: Path) -> Path:
+    """A host program of CUDA source `source` (with its own main) on the emulator, without sanitizers."""
+    headers = [*_emulation_headers(), *_kernel_headers()]
+    jobs = [(source, [], headers, ("-x", "c++")), (HERE / "emulator.cpp", [], headers, ())]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        objects = list(pool.map(lambda job: compile_cached(*job), jobs))
+    return _link(objects, [], source.stem)
+
+
 def build_driver(flavour: str, kernel_source: Path = KERNEL_SOURCE, defines: tuple[str, ...] = ()) -> Path:
     """The driver executable for `flavour` built from `kernel_source` (a patched copy may live elsewhere:
     its includes resolve against csrc). Every object is cached by content, so a patched kernel file
@@ -98,17 +122,8 @@ def build_driver(flavour: str, kernel_source: Path = KERNEL_SOURCE, defines: tup
         (HERE / "driver.cpp", host_flags, headers, ()),
     ]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        objects = list(pool.map(lambda job: _cached_object(*job), jobs))
-    digest = hashlib.sha256(repr((link_flags, [o.name for o in objects])).encode()).hexdigest()[:24]
-    driver = objects[0].parent / f"driver-{flavour}-{digest}"
-    if not driver.is_file():
-        partial = driver.with_suffix(f".{os.getpid()}.tmp")
-        link = [GXX, *link_flags, *map(str, objects), "-pthread", "-o", str(partial)]
-        result = subprocess.run(link, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"emulated CUDA link failed: {' '.join(link)}\n{result.stderr[-6000:]}")
-        partial.replace(driver)
-    return driver
+        objects = list(pool.map(lambda job: compile_cached(*job), jobs))
+    return _link(objects, link_flags, f"driver-{flavour}")
 
 
 # ----------------------------------------------------------------------------------------------------

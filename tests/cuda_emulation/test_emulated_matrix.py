@@ -156,3 +156,19 @@ def test_out_of_range_target_asserts_and_reads_nothing_out_of_bounds(flavour, we
     assert "device-side assert in kernel" in result.stderr and "check_targets_kernel" in result.stderr
     assert "device-side assert triggered" in result.stderr
     assert "out-of-bounds" not in result.stderr and "AddressSanitizer" not in result.stderr
+
+
+# Every row kernel (and the small reductions) under ThreadSanitizer: a race on shared memory between the
+# threads of a block (a missing or misplaced __syncthreads) fails the run.
+RACE_CASES = [
+    Case(dtype=torch.float32, outer=37, classes=20, target="index", weight=True, ignore="some", reduction="mean"),
+    Case(dtype=torch.bfloat16, outer=5, classes=700, target="probability", reduction="sum"),
+    Case(dtype=torch.float32, outer=2, classes=3000, target="probability_acc", weight=True, reduction="mean"),
+    Case(dtype=torch.float16, outer=2, classes=7, inner=40, target="index", eps=0.1, reduction="none"),
+]
+
+
+@pytest.mark.parametrize("case", RACE_CASES, ids=Case.id)
+def test_no_races_under_thread_sanitizer(case, gen):
+    driver = emulation.build_driver("tsan", defines=emulation.SMALL_GRID_DEFINES)
+    emulation.run_and_check(driver, case, gen, interleaving_seed(gen))
