@@ -182,10 +182,11 @@ __device__ __forceinline__ void set_pivot_if_first(RowStats<acc_t>& s, const acc
 }
 
 // Merges two parts of a row, re-expressing both dots relative to the first non-empty part's pivot.
-// Not symmetric (the pivot comes from `a`), and under nvcc's default FMA contraction not even
-// a + b == b + a bit for bit, so the lanes of a butterfly end with equal values in different bits:
-// only one lane's result per row is ever used, and which lane merges what in which order depends
-// only on the shape, so that result is deterministic.
+// Not symmetric: the pivot comes from `a`, and nvcc's default FMA contraction turns sums of products
+// (here and in softmax_state_merge) into an FMA that rounds one product but not the other, so
+// combine(a, b) and combine(b, a) may differ in the last bits. The lanes of a butterfly therefore end
+// with equal values in possibly different bits; only one lane's result per row is used, and which
+// lane merges what in which order depends only on the shape, so that result is deterministic.
 template <typename acc_t>
 __device__ __forceinline__ RowStats<acc_t> combine(const RowStats<acc_t>& a, const RowStats<acc_t>& b) {
   const acc_t pivot = a.softmax.max == acc_t(-INFINITY) ? b.pivot : a.pivot;
