@@ -174,7 +174,9 @@ cudaError_t launch(dim3 grid, dim3 block, cudaStream_t, Args&&... args) {
   // Every thread gets its own copy of the arguments, as every GPU thread reads its own parameters.
   auto closure = std::make_tuple(std::decay_t<Args>(args)...);
   using Closure = decltype(closure);
-  const ThreadBody body = [](const void* c) { std::apply([](auto... a) { kKernel(a...); }, *static_cast<const Closure*>(c)); };
+  const ThreadBody body = [](const void* c) {
+    std::apply([](auto... a) { kKernel(a...); }, *static_cast<const Closure*>(c));
+  };
   return run_grid(name, grid, block, body, &closure);
 }
 

@@ -77,7 +77,8 @@ def test_matrix_covers_every_value_with_every_mapping_and_dtype():
         vectors = -(-case.classes * torch.tensor([], dtype=case.dtype).element_size() // 16)
         return "short" if vectors <= 32 else "warp" if vectors <= 512 else "block"
 
-    assert {(mapping_of(c), c.dtype, c.reduction) for c in MATRIX} == set(itertools.product(MAPPINGS, DTYPES, REDUCTIONS))
+    cells = {(mapping_of(c), c.dtype, c.reduction) for c in MATRIX}
+    assert cells == set(itertools.product(MAPPINGS, DTYPES, REDUCTIONS))
     for name, values in (("target", TARGETS), ("weight", WEIGHTS), ("eps", EPSILONS),
                          ("misalignment", MISALIGNMENTS)):
         for first, first_values in (("mapping", MAPPINGS), ("dtype", DTYPES)):

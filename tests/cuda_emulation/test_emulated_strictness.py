@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(emulation.GXX is None, reason="g++ not found: th
 VIOLATIONS = {
     "lanes_skip_a_shuffle": "(full-mask shuffle at line .* while lane .* is exited|exits while lane .* of its warp "
                             "waits at a full-mask shuffle)",
-    "barrier_inside_a_shuffle_branch": "(reaches __syncthreads while lane|full-mask shuffle at line .* while lane 0 is waiting at __syncthreads)",
+    "barrier_inside_a_shuffle_branch": "(reaches __syncthreads while lane|full-mask shuffle at line .* while lane 0 "
+                                       "is waiting at __syncthreads)",
     "two_different_barriers": "reaches __syncthreads at line .* while thread .* waits at the one at line",
     "barrier_while_a_thread_spins": "timed out after 2s waiting at __syncthreads",
 }
@@ -63,7 +64,8 @@ def test_half_and_bfloat16_conversions_round_to_nearest_even(program, tmp_path, 
     # Every bf16 and fp16 value, the midpoints between neighbours (ties), and random floats of all scales.
     every_half = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
     every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
-    ties = torch.cat([(every_half[:-1] + every_half[1:]) / 2, (every_bf16[:-1].double() + every_bf16[1:].double()).div(2).float()])
+    ties = torch.cat([(every_half[:-1] + every_half[1:]) / 2,
+                      (every_bf16[:-1].double() + every_bf16[1:].double()).div(2).float()])
     scales = torch.exp2(torch.randint(-140, 128, (20000,), generator=gen).double())
     random = (torch.randn(20000, generator=gen, dtype=torch.float64) * scales).float()
     values = torch.cat([special, every_half, every_bf16, ties, random])

@@ -42,7 +42,8 @@ def mapping_case(mapping: str, **kwargs) -> Case:
 
 def split_traffic(traffic, direction: str):
     """(bytes per buffer of the row kernel of `direction`, list of the other launches' traffic)."""
-    rows = [buffers for kernel, buffers in traffic if direction + "_" in kernel and any(k in kernel for k in ROW_KERNELS)]
+    rows = [buffers for kernel, buffers in traffic
+            if direction + "_" in kernel and any(k in kernel for k in ROW_KERNELS)]
     assert len(rows) == 1, f"expected one {direction} row kernel launch, got {[k for k, _ in traffic]}"
     small = [(kernel, buffers) for kernel, buffers in traffic if not any(k in kernel for k in ROW_KERNELS)]
     return rows[0], small
