@@ -11,6 +11,7 @@ import glob
 import importlib.util
 import os
 import re
+import sys
 
 from setuptools import setup
 
@@ -31,6 +32,7 @@ def load_cuda_toolkit_finder():
     # Loaded by path: a PEP 517 build does not put the source tree on sys.path.
     spec = importlib.util.spec_from_file_location("cuda_toolkit", os.path.join(ROOT, "tools", "cuda_toolkit.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
