@@ -84,14 +84,20 @@ build_with_cmake() {
   "$PY" .ci/check_cuda_library.py "$WORK"/cmake/_C*.so
 }
 
-audit_sass() {
-  (cd "$WORK/src" && "$PY" tools/sass_audit.py labelsmooth_ext/_C*.so --output "$WORK/sass_audit.md")
-  cat "$WORK/sass_audit.md"
+audit_sass() {  # prints the report, and says when the one in bench/README.md differs from it
+  (cd "$WORK/src" && "$PY" tools/sass_audit.py labelsmooth_ext/_C*.so --readme bench/README.md)
+  if ! cmp -s "$WORK/src/bench/README.md" bench/README.md; then
+    echo "NOTE: bench/README.md's GPU readiness report differs from this build's; to update it, copy" \
+      "$WORK/src/bench/README.md or run the command the report names in this environment"
+  fi
 }
 
 run_cpu_suite() {
+  # Left out: the two tests that build copies of their own (the CMake CPU build, the bare-nvcc compile of
+  # the kernel files); they do not depend on torch's build, ran in the main job, and would double its time.
   (cd "$WORK/src" && LABELSMOOTH_BACKEND=compiled LABELSMOOTH_EXPECT_CUDA_BUILD=1 PYTHONPATH="$WORK/src" \
-    MAX_JOBS=$JOBS "$PY" -m pytest -q tests)
+    "$PY" -m pytest -q tests --deselect tests/test_build.py::test_cmake_builds_the_same_library \
+    --ignore tests/test_cuda_kernels_compile.py)
 }
 
 total_start=$SECONDS

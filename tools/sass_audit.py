@@ -225,14 +225,14 @@ def table(kernels: list[Kernel]) -> str:
     return "\n".join(rows)
 
 
-def readme_section(kernels: list[Kernel], library: str) -> str:
+def readme_section(kernels: list[Kernel]) -> str:
     archs = " / ".join(sorted({k.arch for k in kernels}))
     return f"""{README_HEADING}
 
 What the compiled GPU code of the CUDA build looks like, from its cubins (no GPU involved: no GPU
 timing has been measured). CI's CUDA build job (`.ci/cuda_build_job.sh`) builds the extension against
 torch 2.13.0+cu130 with `TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"` and regenerates this section with
-`python tools/sass_audit.py {os.path.basename(library)} --readme bench/README.md` (cuobjdump and nvdisasm
+`python tools/sass_audit.py labelsmooth_ext/_C*.so --readme bench/README.md` (cuobjdump and nvdisasm
 from NVIDIA's `nvidia-cuda-cuobjdump` / `nvidia-cuda-nvdisasm` wheels). `tests/test_sass_audit.py` asserts
 that no kernel touches local memory and that the row kernels' loops use 128-bit loads (and stores, in
 the backward).
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="also write the section to this file")
     parser.add_argument("--readme", help="rewrite this file's GPU readiness report section with the table")
     args = parser.parse_args(argv)
-    section = readme_section(audit(args.library), args.library)
+    section = readme_section(audit(args.library))
     print(section)
     if args.output:
         with open(args.output, "w") as f:
