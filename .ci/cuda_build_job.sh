@@ -19,16 +19,22 @@ ARCHS="8.0;9.0+PTX"
 CACHE=${LABELSMOOTH_CI_CACHE:-$HOME/.cache/labelsmooth_ext-ci}
 JOBS=${MAX_JOBS:-$(nproc)}
 
-step() {  # step NAME COMMAND...: runs it, prints its time, and names the step and command if it fails
-  local name=$1 start=$SECONDS status=0
+CURRENT_STEP=""
+FAILED_COMMAND=""
+# Steps run plainly under set -e (testing a function's status would turn errexit off inside it); on the
+# first failure these traps name the step and the command that failed.
+set -o errtrace
+trap 'FAILED_COMMAND=${FAILED_COMMAND:-$BASH_COMMAND}' ERR
+trap 'status=$?; if [ "$status" -ne 0 ]; then
+  echo "=== CUDA build job FAILED in step \"$CURRENT_STEP\" (exit $status), command: $FAILED_COMMAND" >&2; fi' EXIT
+
+step() {  # step NAME COMMAND...: runs it and prints its time
+  local start=$SECONDS
+  CURRENT_STEP=$1
   shift
-  echo "=== CUDA build job: $name"
-  "$@" || status=$?
-  if [ "$status" -ne 0 ]; then
-    echo "=== CUDA build job FAILED in step '$name' (exit $status): $*" >&2
-    exit "$status"
-  fi
-  echo "=== CUDA build job: $name: $((SECONDS - start)) s"
+  echo "=== CUDA build job: $CURRENT_STEP"
+  "$@"
+  echo "=== CUDA build job: $CURRENT_STEP: $((SECONDS - start)) s"
 }
 
 requirements() {  # the job's requirement lines: its own file, then pyproject.toml's test extras
