@@ -44,7 +44,6 @@ def want_cuda():
     # cpp_extension found its own CUDA_HOME at import time (the parent of the nvcc on PATH, wrong for a
     # wrapper script); every nvcc call and include path of the build reads this module variable.
     cpp_extension.CUDA_HOME = str(toolkit)
-    os.environ["CUDA_HOME"] = str(toolkit)
     return True
 
 
