@@ -120,8 +120,8 @@ def kernels_of(kernels, family, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_no_kernel_uses_local_memory(audited, arch):
-    offenders = [f"{k.name}: {k.local} B local, {k.local_instructions[:3]}" for k in audited
-                 if k.arch == arch and (k.local or k.local_instructions)]
+    offenders = [f"{k.name}: {k.local} B local, {k.stack} B stack, {k.local_instructions[:3]}" for k in audited
+                 if k.arch == arch and (k.local or k.stack or k.local_instructions)]
     assert not offenders, "local memory (spills or stack arrays):\n" + "\n".join(offenders)
 
 

@@ -46,7 +46,7 @@ class Kernel:
     registers: int = 0
     shared: int = 0  # static shared memory, bytes
     local: int = 0  # local memory per thread, bytes
-    stack: int = 0
+    stack: int = 0  # stack frame per thread, bytes (it lives in local memory too)
     threads: int = 0  # block size, from __launch_bounds__ (EIATTR_MAX_THREADS)
     local_instructions: list[str] = field(default_factory=list)
     loop_loads_128: int = 0
@@ -216,7 +216,7 @@ def table(kernels: list[Kernel]) -> str:
             per_arch(per, lambda k: k.registers),
             per_arch(per, occupancy_cell),
             per_arch(per, lambda k: k.shared),
-            per_arch(per, lambda k: k.local + len(k.local_instructions)),
+            per_arch(per, lambda k: k.local + k.stack + len(k.local_instructions)),
             per_arch(per, lambda k: k.loop_loads_128),
             per_arch(per, lambda k: k.loop_stores_128),
             per_arch(per, lambda k: f"{k.loop_loads_narrow}, {k.loop_stores_narrow}"),
@@ -239,8 +239,8 @@ the backward).
 
 Every cell with two figures reads {archs}. *block*: threads per block, from `__launch_bounds__`.
 *registers*, *shared B* (static shared memory as `cuobjdump -res-usage` reports it; the sm_90 figure
-includes the 1 KiB reserved per block, the sm_80 one does not), *local B* (local
-memory bytes plus `LDL`/`STL` instructions: 0 means no spills and no stack arrays). *occupancy*: the
+includes the 1 KiB reserved per block, the sm_80 one does not), *local B* (local memory and stack
+bytes plus `LDL`/`STL` instructions: 0 means no spills and no stack arrays). *occupancy*: the
 theoretical occupancy (resident warps / 64) from registers, shared memory and block size with the
 documented per-SM limits (64K registers allocated per warp in units of 256, 32 blocks, 64 warps, 164 KiB
 (sm_80) or 228 KiB (sm_90) of shared memory, 1 KiB more per block added to the figure above), and
