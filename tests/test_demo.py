@@ -141,17 +141,20 @@ def test_report_differences_pair_the_runs_of_each_seed(quick_run):
     headers = [cell.strip() for cell in next(
         line for line in lines if line.startswith("| eps=0.1 minus eps=0, same seed |")
     ).strip("|").split("|")]
-    mean_row, better_row = (dict(zip(headers, row)) for row in table_rows(report, "eps=0.1 minus eps=0, same seed"))
+    mean_row, count_row = (dict(zip(headers, row)) for row in table_rows(report, "eps=0.1 minus eps=0, same seed"))
     seeds = range(QUICK_SEED, QUICK_SEED + QUICK["seeds"])
     for header, lower_is_better in (("test accuracy", False), ("NLL", True), ("ECE", True),
                                     ("NLL at T", True), ("ECE at T", True)):
         deltas = [float(rows[seed, 0.1][header]) - float(rows[seed, 0.0][header]) for seed in seeds]
         mean, _ = split_mean_std(mean_row[header])
         assert abs(mean - statistics.fmean(deltas)) <= 3 * PRINT_ROUNDING, header
+        better, worse, tied = (int(count) for count in count_row[header].split(" / "))
+        assert better + worse + tied == len(deltas), header
         # Signs read from rounded cells are only certain away from zero.
-        if all(abs(delta) > 2 * PRINT_ROUNDING for delta in deltas):
-            better = sum((delta < 0) == lower_is_better for delta in deltas)
-            assert better_row[header] == f"{better} of {len(deltas)}", header
+        gains = [-delta if lower_is_better else delta for delta in deltas]
+        assert better >= sum(gain > 2 * PRINT_ROUNDING for gain in gains), header
+        assert worse >= sum(gain < -2 * PRINT_ROUNDING for gain in gains), header
+        assert tied <= sum(abs(gain) <= 2 * PRINT_ROUNDING for gain in gains), header
 
 
 def test_report_runs_follow_early_stopping(quick_run):
@@ -267,8 +270,12 @@ def test_seed_summary_and_paired_differences(gen):
     assert differences["accuracy"].difference.mean == pytest.approx(statistics.fmean(accuracy_gain), rel=1e-12)
     # Higher accuracy is better, lower NLL is better.
     assert differences["accuracy"].better == sum(delta > 0 for delta in accuracy_gain)
+    assert differences["accuracy"].worse == sum(delta < 0 for delta in accuracy_gain)
     assert differences["nll"].better == sum(delta < 0 for delta in nll_change)
+    assert differences["nll"].worse == sum(delta > 0 for delta in nll_change)
     assert differences["nll"].seeds == 4 and "mean_confidence" not in differences
+    # Equal ECE in every pair: all ties.
+    assert (differences["ece"].better, differences["ece"].worse, differences["ece"].tied) == (0, 0, 4)
 
     with pytest.raises(ValueError, match="every seed needs one run at eps=0 and one at eps=0.2"):
         paired_differences(runs[:-1], 0.0, 0.2)

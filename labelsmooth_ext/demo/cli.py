@@ -171,18 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    seeds = range(args.seed, args.seed + args.seeds)
-    runs, first_test_y = [], None
-    for seed in seeds:
+    label_smoothings = (0.0, args.smoothing)
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
         splits = load_digits_splits(args.noise, seed)
-        first_test_y = splits.test_y if first_test_y is None else first_test_y
         config = TrainingConfig(args.epochs, args.patience, args.hidden, args.batch_size, args.lr, args.bins, seed)
         log(f"Seed {seed}: {splits.n_flipped} of {len(splits.train_y)} training labels flipped")
-        runs += [train_and_evaluate(splits, eps, config, log) for eps in (0.0, args.smoothing)]
+        seed_runs = [train_and_evaluate(splits, eps, config, log) for eps in label_smoothings]
+        if seed == args.seed:
+            # The diagrams of one seed; the tables cover all of them.
+            save_reliability_diagram(seed_runs, splits.test_y, args.bins, args.out / RELIABILITY_PNG)
+        runs += seed_runs
     log("\n" + summary_table(runs))
-    log(difference_table(runs, 0.0, args.smoothing))
-    save_reliability_diagram([run for run in runs if run.seed == args.seed], first_test_y, args.bins,
-                             args.out / RELIABILITY_PNG)
+    log(difference_table(runs, *label_smoothings))
 
     timings, timing_png = None, None
     timing_setup = (

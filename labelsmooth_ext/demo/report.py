@@ -41,8 +41,9 @@ def summary_table(runs: list[RunResult]) -> str:
         "| label smoothing | seeds | " + " | ".join(metric.header for metric in METRICS) + " |\n"
         "|---:|---:|" + "---:|" * len(METRICS) + "\n"
     )
+    seeds = {eps: len(group) for eps, group in runs_by_smoothing(runs).items()}
     rows = "".join(
-        f"| {eps:g} | {len(runs_by_smoothing(runs)[eps])} | "
+        f"| {eps:g} | {seeds[eps]} | "
         + " | ".join(stats[metric.attribute].format(metric.digits) for metric in METRICS)
         + " |\n"
         for eps, stats in summarize(runs).items()
@@ -51,7 +52,7 @@ def summary_table(runs: list[RunResult]) -> str:
 
 
 def difference_table(runs: list[RunResult], hard: float, smoothed: float) -> str:
-    """The smoothed run minus the hard-target run of the same seed, and how often smoothing won."""
+    """The smoothed run minus the hard-target run of the same seed, and how often smoothing won or lost."""
     differences = paired_differences(runs, hard, smoothed)
     header = (
         f"| eps={smoothed:g} minus eps={hard:g}, same seed | " + " | ".join(metric.header for metric in SCORES) + " |\n"
@@ -60,10 +61,11 @@ def difference_table(runs: list[RunResult], hard: float, smoothed: float) -> str
     mean_row = "| mean ± std of the difference | " + " | ".join(
         differences[metric.attribute].difference.format(metric.digits, signed=True) for metric in SCORES
     ) + " |\n"
-    better_row = f"| seeds where eps={smoothed:g} is better | " + " | ".join(
-        f"{differences[metric.attribute].better} of {differences[metric.attribute].seeds}" for metric in SCORES
+    counts = [differences[metric.attribute] for metric in SCORES]
+    count_row = f"| seeds where eps={smoothed:g} is better / worse / tied | " + " | ".join(
+        f"{count.better} / {count.worse} / {count.tied}" for count in counts
     ) + " |\n"
-    return header + mean_row + better_row
+    return header + mean_row + count_row
 
 
 def per_seed_table(runs: list[RunResult]) -> str:

@@ -67,7 +67,13 @@ def summarize(runs: Sequence[RunResult]) -> dict[float, dict[str, MeanStd]]:
 class PairedDifference:
     difference: MeanStd  # smoothed minus hard targets, over seeds
     better: int  # seeds where the smoothed run scored strictly better
+    worse: int  # strictly worse
     seeds: int
+
+    @property
+    def tied(self) -> int:
+        # Accuracy is a count of test images, so two runs can well get the same.
+        return self.seeds - self.better - self.worse
 
 
 def paired_differences(runs: Sequence[RunResult], hard: float, smoothed: float) -> dict[str, PairedDifference]:
@@ -82,6 +88,8 @@ def paired_differences(runs: Sequence[RunResult], hard: float, smoothed: float) 
     result = {}
     for metric in SCORES:
         deltas = [float(getattr(b, metric.attribute)) - float(getattr(a, metric.attribute)) for a, b in pairs]
-        better = sum((delta < 0) if metric.lower_is_better else (delta > 0) for delta in deltas)
-        result[metric.attribute] = PairedDifference(mean_std(deltas), better, len(pairs))
+        sign = -1 if metric.lower_is_better else 1
+        better = sum(sign * delta > 0 for delta in deltas)
+        worse = sum(sign * delta < 0 for delta in deltas)
+        result[metric.attribute] = PairedDifference(mean_std(deltas), better, worse, len(pairs))
     return result
