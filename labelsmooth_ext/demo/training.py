@@ -104,10 +104,11 @@ def train_and_evaluate(
                 break
         train_seconds = time.perf_counter() - start
         stopping.restore(model)
-        val_nll = _validation_nll(model, splits)
+        model.eval()
         with torch.no_grad():
             val_logits = model(splits.val_x).double()
             test_logits = model(splits.test_x).double()
+    val_nll = _nll(val_logits, splits.val_y)
 
     log(
         f"  seed {config.seed}, eps={label_smoothing:g}: best validation NLL {val_nll:.4f} at epoch "
