@@ -27,6 +27,10 @@ PATIENCE = 10  # the demo's default --patience
 PRINT_ROUNDING = 0.5e-4
 
 
+def _cells(line):
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
 def table_rows(markdown, first_header_cell):
     """Data rows (lists of cells) of the markdown table whose header starts with first_header_cell."""
     lines = markdown.splitlines()
@@ -35,8 +39,14 @@ def table_rows(markdown, first_header_cell):
     for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        rows.append(_cells(line))
     return rows
+
+
+def table_dicts(markdown, first_header_cell):
+    """The same rows as {column header: cell}."""
+    header = next(line for line in markdown.splitlines() if line.startswith(f"| {first_header_cell} |"))
+    return [dict(zip(_cells(header), row)) for row in table_rows(markdown, first_header_cell)]
 
 
 def split_mean_std(cell):
@@ -47,10 +57,7 @@ def split_mean_std(cell):
 
 def seed_rows(report):
     """{(seed, label smoothing): {column header: cell}} from the report's per-run table."""
-    lines = report.splitlines()
-    header_line = next(line for line in lines if line.startswith("| seed |"))
-    headers = [cell.strip() for cell in header_line.strip("|").split("|")]
-    return {(int(row[0]), float(row[1])): dict(zip(headers, row)) for row in table_rows(report, "seed")}
+    return {(int(row["seed"]), float(row["label smoothing"])): row for row in table_dicts(report, "seed")}
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +117,7 @@ def test_report_numbers_are_finite_and_in_range(quick_run):
 def test_report_summary_is_the_mean_and_std_of_the_seeds(quick_run):
     report = (quick_run / "report.md").read_text()
     rows = seed_rows(report)
-    summary_lines = report.splitlines()
-    summary_headers = [cell.strip() for cell in next(
-        line for line in summary_lines if line.startswith("| label smoothing | seeds |")
-    ).strip("|").split("|")]
-    summary = {float(row[0]): dict(zip(summary_headers, row)) for row in table_rows(report, "label smoothing")}
+    summary = {float(row["label smoothing"]): row for row in table_dicts(report, "label smoothing")}
     assert sorted(summary) == [0.0, 0.1]
     n = QUICK["seeds"]
     # The per-seed cells are rounded, so their mean and std are off by at most the rounding
@@ -137,11 +140,7 @@ def test_report_summary_is_the_mean_and_std_of_the_seeds(quick_run):
 def test_report_differences_pair_the_runs_of_each_seed(quick_run):
     report = (quick_run / "report.md").read_text()
     rows = seed_rows(report)
-    lines = report.splitlines()
-    headers = [cell.strip() for cell in next(
-        line for line in lines if line.startswith("| eps=0.1 minus eps=0, same seed |")
-    ).strip("|").split("|")]
-    mean_row, count_row = (dict(zip(headers, row)) for row in table_rows(report, "eps=0.1 minus eps=0, same seed"))
+    mean_row, count_row = table_dicts(report, "eps=0.1 minus eps=0, same seed")
     seeds = range(QUICK_SEED, QUICK_SEED + QUICK["seeds"])
     for header, lower_is_better in (("test accuracy", False), ("NLL", True), ("ECE", True),
                                     ("NLL at T", True), ("ECE at T", True)):
