@@ -1,18 +1,23 @@
 """Builds labelsmooth_ext._C with torch.utils.cpp_extension.
 
-CPU kernels always; CUDA kernels too when torch was built with CUDA and nvcc is found, unless
-LABELSMOOTH_FORCE_CPU=1. Honours MAX_JOBS (parallel compile jobs) and TORCH_CUDA_ARCH_LIST
-(default "8.0;9.0+PTX": A100, H100, and PTX for newer GPUs).
+CPU kernels always; CUDA kernels too when torch was built with CUDA and a CUDA toolkit is found
+(tools/cuda_toolkit.py says where it looks, and says so when it finds none), unless
+LABELSMOOTH_FORCE_CPU=1. LABELSMOOTH_FORCE_CUDA=1 makes a missing toolkit an error instead of a
+CPU-only build. Honours MAX_JOBS (parallel compile jobs) and TORCH_CUDA_ARCH_LIST (default
+"8.0;9.0+PTX": A100, H100, and PTX for newer GPUs).
 """
 
 import glob
+import importlib.util
 import os
 import re
+import sys
 
 from setuptools import setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch.utils.cpp_extension as cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
@@ -23,10 +28,23 @@ def read_version():
         return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 
+def load_cuda_toolkit_finder():
+    # Loaded by path: a PEP 517 build does not put the source tree on sys.path.
+    spec = importlib.util.spec_from_file_location("cuda_toolkit", os.path.join(ROOT, "tools", "cuda_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def want_cuda():
-    if os.environ.get("LABELSMOOTH_FORCE_CPU", "0") == "1":
+    toolkit = load_cuda_toolkit_finder().cuda_build_toolkit(torch.version.cuda)
+    if toolkit is None:
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    # cpp_extension found its own CUDA_HOME at import time (the parent of the nvcc on PATH, wrong for a
+    # wrapper script); every nvcc call and include path of the build reads this module variable.
+    cpp_extension.CUDA_HOME = str(toolkit)
+    return True
 
 
 def write_build_info(version, cuda_archs):

@@ -56,3 +56,24 @@ def test_cmake_builds_the_same_library(tmp_path, gen):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "cmake library OK" in result.stdout
+
+
+# Both build surfaces refuse LABELSMOOTH_FORCE_CUDA when the CUDA kernels cannot be built, naming why,
+# before compiling anything. With a CUDA torch the reason would be the toolkit search instead (CI's CUDA
+# build job builds with it set, so a toolkit that is not found fails there).
+@pytest.mark.skipif(torch.version.cuda is not None, reason="torch has CUDA: the refusal needs a CPU-only torch")
+def test_setup_py_refuses_force_cuda_without_cuda_torch():
+    env = dict(os.environ, LABELSMOOTH_FORCE_CUDA="1")
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    assert "LABELSMOOTH_FORCE_CUDA=1, but the installed torch has no CUDA support" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+@pytest.mark.skipif(torch.version.cuda is not None, reason="torch has CUDA: the refusal needs a CPU-only torch")
+def test_cmake_refuses_force_cuda_without_cuda_torch(tmp_path):
+    configure = ["cmake", "-S", ROOT, "-B", str(tmp_path / "build"), f"-DPython3_EXECUTABLE={sys.executable}",
+                 "-DLABELSMOOTH_FORCE_CUDA=ON"]
+    result = subprocess.run(configure, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "LABELSMOOTH_FORCE_CUDA=ON, but Torch has no CUDA support" in " ".join(result.stderr.split())

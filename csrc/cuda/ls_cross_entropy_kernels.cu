@@ -15,6 +15,7 @@
 // never on timing: no atomics anywhere.
 
 #include "cuda/ls_cross_entropy_kernels.cuh"
+#include "cuda/ls_launch.cuh"
 
 #include <cmath>
 #include <cstdint>
@@ -54,8 +55,12 @@ constexpr int64_t kTargetRowsPerBlock = int64_t(kReduceThreads) * 8;
 template <int kThreads, typename acc_t>
 constexpr int kMinBlocks = 65536 / (kThreads * (sizeof(acc_t) == 8 ? 128 : 64));
 // A grid-stride cap that does not depend on the device keeps the partial sums (and so the bits of
-// mean/sum) the same on every GPU, and bounds the scratch of the final reduction.
-constexpr int64_t kMaxGridBlocks = 8192;
+// mean/sum) the same on every GPU, and bounds the scratch of the final reduction. Overridable at
+// compile time only so that tests can run the grid-stride loops on small problems.
+#ifndef LS_MAX_GRID_BLOCKS
+#define LS_MAX_GRID_BLOCKS 8192
+#endif
+constexpr int64_t kMaxGridBlocks = LS_MAX_GRID_BLOCKS;
 
 // Scratch layouts (elements). Forward: weight total, the row kernel's per-block loss sums, then
 // check_targets_kernel's per-chunk denominator sums. Class-index backward: weight total, the mean's
@@ -150,23 +155,44 @@ __device__ __forceinline__ void softmax_accumulate(SoftmaxState<acc_t>& s, const
   s.sum = sum;
 }
 
-// Partial results of one row: the softmax state and two sums whose meaning the op defines.
+// Partial results of one row over the classes one thread (or a group of threads) has seen: the softmax
+// state, mass = sum_c a_c and dot = sum_c a_c (z_c - pivot) for per-class coefficients a_c the op defines,
+// and the target's logit (0 where the part does not hold the target class). The pivot is the part's
+// first logit (0 if not finite; see row_pivot): taking it from a logit the part reads anyway keeps every
+// logit read exactly once, where a row-wide pivot would have every thread read z[0] again.
 template <typename acc_t>
 struct RowStats {
   SoftmaxState<acc_t> softmax;
-  acc_t first;
-  acc_t second;
+  acc_t mass;
+  acc_t dot;
+  acc_t pivot;
+  acc_t target_logit;
 };
 
 template <typename acc_t>
 __device__ __forceinline__ RowStats<acc_t> empty_stats() {
-  return RowStats<acc_t>{SoftmaxState<acc_t>{acc_t(-INFINITY), acc_t(0)}, acc_t(0), acc_t(0)};
+  return RowStats<acc_t>{SoftmaxState<acc_t>{acc_t(-INFINITY), acc_t(0)}, acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
 }
 
-// Both combine() are symmetric in their arguments, so every lane of a butterfly ends with the same bits.
+// Called by a visit() before it folds chunk z into s: the part's first chunk sets its pivot. (A part
+// whose logits so far are all -inf has no finite sum to keep, so taking a new pivot loses nothing.)
+template <typename acc_t, int N>
+__device__ __forceinline__ void set_pivot_if_first(RowStats<acc_t>& s, const acc_t (&z)[N]) {
+  if (s.softmax.max == acc_t(-INFINITY)) s.pivot = row_pivot(z[0]);
+}
+
+// Merges two parts of a row, re-expressing both dots relative to the first non-empty part's pivot.
+// Not symmetric: the pivot comes from `a`, and nvcc's default FMA contraction turns sums of products
+// (here and in softmax_state_merge) into an FMA that rounds one product but not the other, so
+// combine(a, b) and combine(b, a) may differ in the last bits. The lanes of a butterfly therefore end
+// with equal values in possibly different bits; only one lane's result per row is used, and which
+// lane merges what in which order depends only on the shape, so that result is deterministic.
 template <typename acc_t>
 __device__ __forceinline__ RowStats<acc_t> combine(const RowStats<acc_t>& a, const RowStats<acc_t>& b) {
-  return RowStats<acc_t>{softmax_state_merge(a.softmax, b.softmax), a.first + b.first, a.second + b.second};
+  const acc_t pivot = a.softmax.max == acc_t(-INFINITY) ? b.pivot : a.pivot;
+  const acc_t dot = (a.dot + a.mass * (a.pivot - pivot)) + (b.dot + b.mass * (b.pivot - pivot));
+  return RowStats<acc_t>{softmax_state_merge(a.softmax, b.softmax), a.mass + b.mass, dot, pivot,
+                         a.target_logit + b.target_logit};
 }
 __device__ __forceinline__ float combine(float a, float b) { return a + b; }
 __device__ __forceinline__ double combine(double a, double b) { return a + b; }
@@ -176,8 +202,10 @@ __device__ __forceinline__ RowStats<acc_t> shuffle_xor(const RowStats<acc_t>& s,
   RowStats<acc_t> r;
   r.softmax.max = __shfl_xor_sync(0xffffffffu, s.softmax.max, offset);
   r.softmax.sum = __shfl_xor_sync(0xffffffffu, s.softmax.sum, offset);
-  r.first = __shfl_xor_sync(0xffffffffu, s.first, offset);
-  r.second = __shfl_xor_sync(0xffffffffu, s.second, offset);
+  r.mass = __shfl_xor_sync(0xffffffffu, s.mass, offset);
+  r.dot = __shfl_xor_sync(0xffffffffu, s.dot, offset);
+  r.pivot = __shfl_xor_sync(0xffffffffu, s.pivot, offset);
+  r.target_logit = __shfl_xor_sync(0xffffffffu, s.target_logit, offset);
   return r;
 }
 __device__ __forceinline__ float shuffle_xor(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
@@ -395,7 +423,6 @@ struct ForwardClassIndex {
     const T* z;
     int64_t target;
     bool read;
-    acc_t pivot;
   };
 
   __device__ Row load_row(int64_t r, int64_t o, int64_t i) const {
@@ -403,21 +430,32 @@ struct ForwardClassIndex {
     row.z = logits + o * outer_stride + i;
     row.target = target[r];
     row.read = is_read_target(row.target, classes, ignore_index);
-    row.pivot = row.read ? row_pivot(to_acc(row.z[0])) : acc_t(0);
     return row;
   }
 
-  // first: sum_c w_c (z_c - pivot)
+  // a_c = w_c; only the smoothing term needs dot, so without smoothing the weights are not read.
   template <int N>
   __device__ __forceinline__ void visit(RowStats<acc_t>& s, const Row& row, const acc_t (&z)[N], int64_t c) const {
-    softmax_accumulate(s.softmax, z);
-    if (weight != nullptr) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) s.first += __ldg(weight + c + j) * (z[j] - row.pivot);
-    } else {
-#pragma unroll
-      for (int j = 0; j < N; ++j) s.first += z[j] - row.pivot;
+    for (int j = 0; j < N; ++j) {
+      if (c + j == row.target) s.target_logit = z[j];
     }
+    if (eps > acc_t(0)) {
+      set_pivot_if_first(s, z);
+      if (weight != nullptr) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const acc_t w = __ldg(weight + c + j);
+          s.mass += w;
+          s.dot += w * (z[j] - s.pivot);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) s.dot += z[j] - s.pivot;
+        s.mass += acc_t(N);
+      }
+    }
+    softmax_accumulate(s.softmax, z);
   }
 
   __device__ acc_t finish(const Row& row, int64_t r, const RowStats<acc_t>& s) const {
@@ -425,10 +463,9 @@ struct ForwardClassIndex {
     acc_t row_lse = acc_t(0);
     if (row.read) {
       row_lse = softmax_state_lse(s.softmax);
-      const acc_t z_target = to_acc(row.z[row.target * inner]);
       const acc_t w_target = weight != nullptr ? weight[row.target] : acc_t(1);
       const acc_t total = weight != nullptr ? *weight_total : acc_t(classes);
-      loss = class_index_row_loss(row_lse, z_target, w_target, total, s.first, row.pivot, eps, classes);
+      loss = class_index_row_loss(row_lse, s.target_logit, w_target, total, s.dot, s.pivot, eps, classes);
     }
     lse[r] = row_lse;
     if (row_loss != nullptr) row_loss[r] = loss;
@@ -451,7 +488,6 @@ struct ForwardProbability {
     const T* z;
     const TT* t;
     bool read;
-    acc_t pivot;
   };
 
   __device__ Row load_row(int64_t, int64_t o, int64_t i) const {
@@ -459,26 +495,26 @@ struct ForwardProbability {
     row.z = logits + o * outer_stride + i;
     row.t = target + o * classes * inner + i;
     row.read = true;
-    row.pivot = row_pivot(to_acc(row.z[0]));
     return row;
   }
 
-  // first: mass = sum_c w_c t'_c; second: sum_c w_c t'_c (z_c - pivot)
+  // a_c = w_c t'_c
   template <int N>
   __device__ __forceinline__ void visit(RowStats<acc_t>& s, const Row& row, const acc_t (&z)[N], int64_t c) const {
-    softmax_accumulate(s.softmax, z);
+    set_pivot_if_first(s, z);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const acc_t w = weight != nullptr ? __ldg(weight + c + j) : acc_t(1);
       const acc_t wt = w * smoothed_probability(to_acc(row.t[(c + j) * inner]), eps, classes);
-      s.first += wt;
-      s.second += wt * (z[j] - row.pivot);
+      s.mass += wt;
+      s.dot += wt * (z[j] - s.pivot);
     }
+    softmax_accumulate(s.softmax, z);
   }
 
-  __device__ acc_t finish(const Row& row, int64_t r, const RowStats<acc_t>& s) const {
+  __device__ acc_t finish(const Row&, int64_t r, const RowStats<acc_t>& s) const {
     const acc_t row_lse = softmax_state_lse(s.softmax);
-    const acc_t loss = probability_row_loss(row_lse, s.first, s.second, row.pivot);
+    const acc_t loss = probability_row_loss(row_lse, s.mass, s.dot, s.pivot);
     lse[r] = row_lse;
     if (row_loss != nullptr) row_loss[r] = loss;
     return loss;
@@ -539,7 +575,8 @@ struct BackwardClassIndex {
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const acc_t w = weight != nullptr ? __ldg(weight + c + j) : acc_t(1);
+      // w_j only scales the smoothing term: without smoothing the weights are not read per element.
+      const acc_t w = weight != nullptr && eps > acc_t(0) ? __ldg(weight + c + j) : acc_t(1);
       const acc_t g = class_index_grad(row.coefs, fast_exp(z[j] - row.lse), w, c + j == row.target);
       out[j] = from_acc<T>(g);
     }
@@ -841,7 +878,10 @@ __global__ void __launch_bounds__(kReduceThreads)
     const int64_t y = target[r];
     if (y == ignore_index) continue;
     if (y < 0 || y >= classes) {
+      // A GPU stops here; should the assert ever return (it does in the emulated test suite), the row
+      // is skipped rather than weight[y] read out of bounds.
       __assert_fail("target is a class index in [0, classes) or ignore_index", __FILE__, __LINE__, __func__);
+      continue;
     }
     partial += weight != nullptr ? weight[y] : acc_t(1);
   }
@@ -858,24 +898,21 @@ cudaError_t launch_forward_rows(const Op& op, const Problem& p, const LaunchPlan
                                 typename Op::acc_t* loss_partials, cudaStream_t stream) {
   if (plan.blocks == 0) return cudaSuccess;
   const int64_t rows = p.outer * p.inner;
-  const unsigned blocks = static_cast<unsigned>(plan.blocks);
+  const dim3 blocks(static_cast<unsigned>(plan.blocks));
   switch (plan.mapping) {
     case RowMapping::kShortRows:
-      forward_grouped_rows_kernel<Op, kShortRowLanes>
-          <<<blocks, kGroupBlockThreads, 0, stream>>>(op, rows, loss_partials);
-      break;
+      return launch_kernel<forward_grouped_rows_kernel<Op, kShortRowLanes>>(blocks, kGroupBlockThreads, stream, op,
+                                                                            rows, loss_partials);
     case RowMapping::kWarpRows:
-      forward_grouped_rows_kernel<Op, kWarp><<<blocks, kGroupBlockThreads, 0, stream>>>(op, rows, loss_partials);
-      break;
+      return launch_kernel<forward_grouped_rows_kernel<Op, kWarp>>(blocks, kGroupBlockThreads, stream, op, rows,
+                                                                   loss_partials);
     case RowMapping::kBlockRows:
-      forward_block_rows_kernel<Op><<<blocks, kRowBlockThreads, 0, stream>>>(op, rows, loss_partials);
-      break;
+      return launch_kernel<forward_block_rows_kernel<Op>>(blocks, kRowBlockThreads, stream, op, rows, loss_partials);
     case RowMapping::kInnerTiles:
-      forward_inner_tiles_kernel<Op>
-          <<<blocks, dim3(kTileRows, kTileSlices), 0, stream>>>(op, p.outer, p.inner, loss_partials);
-      break;
+      return launch_kernel<forward_inner_tiles_kernel<Op>>(blocks, dim3(kTileRows, kTileSlices), stream, op, p.outer,
+                                                           p.inner, loss_partials);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 template <typename Op>
@@ -883,22 +920,20 @@ cudaError_t launch_backward_rows(const Op& op, const Problem& p, size_t element_
   const LaunchPlan plan = plan_launch(p, element_size);
   if (plan.blocks == 0) return cudaSuccess;
   const int64_t rows = p.outer * p.inner;
-  const unsigned blocks = static_cast<unsigned>(plan.blocks);
+  const dim3 blocks(static_cast<unsigned>(plan.blocks));
   switch (plan.mapping) {
     case RowMapping::kShortRows:
-      backward_grouped_rows_kernel<Op, kShortRowLanes><<<blocks, kGroupBlockThreads, 0, stream>>>(op, rows);
-      break;
+      return launch_kernel<backward_grouped_rows_kernel<Op, kShortRowLanes>>(blocks, kGroupBlockThreads, stream, op,
+                                                                             rows);
     case RowMapping::kWarpRows:
-      backward_grouped_rows_kernel<Op, kWarp><<<blocks, kGroupBlockThreads, 0, stream>>>(op, rows);
-      break;
+      return launch_kernel<backward_grouped_rows_kernel<Op, kWarp>>(blocks, kGroupBlockThreads, stream, op, rows);
     case RowMapping::kBlockRows:
-      backward_block_rows_kernel<Op><<<blocks, kRowBlockThreads, 0, stream>>>(op, rows);
-      break;
+      return launch_kernel<backward_block_rows_kernel<Op>>(blocks, kRowBlockThreads, stream, op, rows);
     case RowMapping::kInnerTiles:
-      backward_inner_tiles_kernel<Op><<<blocks, dim3(kTileRows, kTileSlices), 0, stream>>>(op, p.outer, p.inner);
-      break;
+      return launch_kernel<backward_inner_tiles_kernel<Op>>(blocks, dim3(kTileRows, kTileSlices), stream, op,
+                                                            p.outer, p.inner);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 int64_t target_chunks(const Problem& p) { return ceil_div(p.outer * p.inner, kTargetRowsPerBlock); }
@@ -909,16 +944,15 @@ cudaError_t launch_check_targets(const Problem& p, const int64_t* target, const 
                                  cudaStream_t stream) {
   const int64_t chunks = target_chunks(p);
   if (chunks == 0) return cudaSuccess;
-  check_targets_kernel<<<static_cast<unsigned>(chunks), kReduceThreads, 0, stream>>>(
-      target, weight, p.outer * p.inner, p.classes, p.ignore_index, partials);
-  return cudaGetLastError();
+  return launch_kernel<check_targets_kernel<acc_t>>(dim3(static_cast<unsigned>(chunks)), kReduceThreads, stream,
+                                                    target, weight, p.outer * p.inner, p.classes, p.ignore_index,
+                                                    partials);
 }
 
 template <typename acc_t>
 cudaError_t launch_weight_total(const acc_t* weight, int64_t classes, acc_t* scratch, cudaStream_t stream) {
   if (weight == nullptr) return cudaSuccess;
-  sum_kernel<<<1, kReduceThreads, 0, stream>>>(weight, classes, scratch + kWeightTotalSlot);
-  return cudaGetLastError();
+  return launch_kernel<sum_kernel<acc_t>>(1, kReduceThreads, stream, weight, classes, scratch + kWeightTotalSlot);
 }
 
 // Runs the forward op over all rows, then (mean/sum) reduces the partials into *loss; the class-index
@@ -933,10 +967,9 @@ cudaError_t launch_forward(const Op& op, const Problem& p, size_t element_size, 
   cudaError_t status = launch_forward_rows(op, p, plan, loss_partials, stream);
   if (status != cudaSuccess || !reduce) return status;
   const acc_t* denominator_partials = class_index ? loss_partials + plan.blocks : nullptr;
-  finalize_loss_kernel<<<1, kReduceThreads, 0, stream>>>(loss_partials, plan.blocks, denominator_partials,
-                                                         target_chunks(p), static_cast<acc_t>(p.outer * p.inner),
-                                                         p.reduction, loss);
-  return cudaGetLastError();
+  return launch_kernel<finalize_loss_kernel<acc_t>>(1, kReduceThreads, stream, loss_partials, plan.blocks,
+                                                    denominator_partials, target_chunks(p),
+                                                    static_cast<acc_t>(p.outer * p.inner), p.reduction, loss);
 }
 
 }  // namespace
@@ -998,8 +1031,8 @@ cudaError_t launch_backward_class_index(const Problem& p, const acc_type<scalar_
   if (status == cudaSuccess) status = launch_weight_total(weight, p.classes, scratch, stream);
   if (status != cudaSuccess) return status;
   if (mean) {
-    sum_kernel<<<1, kReduceThreads, 0, stream>>>(denominator_partials, target_chunks(p), scratch + kDenominatorSlot);
-    status = cudaGetLastError();
+    status = launch_kernel<sum_kernel<acc_t>>(1, kReduceThreads, stream, denominator_partials, target_chunks(p),
+                                              scratch + kDenominatorSlot);
     if (status != cudaSuccess) return status;
   }
   const BackwardClassIndex<scalar_t> op{grad_loss,

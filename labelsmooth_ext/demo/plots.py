@@ -21,8 +21,12 @@ def _pyplot():
 
 
 def save_reliability_diagram(runs: list[RunResult], test_y: torch.Tensor, n_bins: int, path: Path) -> None:
-    """Top: accuracy per confidence bin against the diagonal of perfect calibration (bars below it
-    are over-confident, above it under-confident). Bottom: how many test samples each bin holds."""
+    """The runs of one seed (``test_y``: that seed's test labels), one column each. Top: accuracy per
+    confidence bin against the diagonal of perfect calibration (bars below it are over-confident,
+    above it under-confident). Bottom: how many test samples each bin holds."""
+    seeds = {run.seed for run in runs}
+    if len(seeds) != 1:
+        raise ValueError(f"a reliability diagram shows the runs of one seed, got seeds {sorted(seeds)}")
     plt = _pyplot()
     figure, axes = plt.subplots(
         2, len(runs), figsize=(5 * len(runs), 6.5), sharex=True, squeeze=False,
@@ -50,12 +54,15 @@ def save_reliability_diagram(runs: list[RunResult], test_y: torch.Tensor, n_bins
         top.set_ylim(0, 1)
         top.set_ylabel("accuracy")
         kind = "hard targets" if run.label_smoothing == 0 else "label smoothing"
-        top.set_title(f"{kind}, eps={run.label_smoothing:g}\nECE {run.ece:.3f}, accuracy {run.accuracy:.3f}")
+        top.set_title(
+            f"{kind}, eps={run.label_smoothing:g}, epoch {run.best_epoch}\n"
+            f"ECE {run.ece:.3f} (at T: {run.ece_scaled:.3f}), accuracy {run.accuracy:.3f}"
+        )
 
         bottom.bar(centers, bins.counts.numpy(), width=width, edgecolor="black", color="tab:gray")
         bottom.set_xlabel("confidence (largest softmax probability)")
         bottom.set_ylabel("test samples")
-    figure.suptitle("Reliability on the clean test split")
+    figure.suptitle(f"Reliability on the clean test split, seed {seeds.pop()}")
     # One legend above the panels: inside them it would hide bars wherever they reach.
     figure.legend(handles=axes[0, 0].get_legend_handles_labels()[0], loc="upper center", ncol=3, fontsize=8,
                   bbox_to_anchor=(0.5, 0.95))
