@@ -4,7 +4,7 @@ PyTorch's own cross-entropy cannot take the weight gradient (nll_loss is not dif
 Both are needed rarely, so they are computed in PyTorch from the saved lse, chunk by chunk like the
 reference, instead of in the kernels.
 
-Notation (DESIGN.md §2): l_rc = lse_r - z_rc (z capped by softcap where asked), q the smoothed target,
+Notation: l_rc = lse_r - z_rc (z capped by softcap where asked), q the smoothed target,
 u_r the upstream gradient of row r's loss. Every row loss is sum_c w_c q_rc l_rc, so
 
     d sum_r u_r loss_r / d w_c = A_c = sum_r u_r q_rc l_rc                    (over valid rows)

@@ -5,7 +5,7 @@ class-weight gradient) on every backend, against float64 compositions of plain P
 * softcap: softcap * tanh(z / softcap), then F.cross_entropy;
 * 'others': the target with 1 - eps on the true class and eps / (K - 1) elsewhere, built explicitly;
 * normaliser: the sum divided by it;
-* weight gradient: autograd through sum_c w_c q_c (lse - z_c), the formula of DESIGN.md §2 (PyTorch's
+* weight gradient: autograd through sum_c w_c q_c (lse - z_c), the loss formula (PyTorch's
   cross_entropy is not differentiable in `weight`).
 
 Every case of the core matrix's covering design runs with each option alone and with a few combinations.
