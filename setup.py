@@ -77,8 +77,8 @@ def extension():
     sources = ["csrc/ops.cpp", "csrc/ls_op_common.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for runs on PyTorch's own OpenMP runtime (the torch wheel's libgomp.so.1,
     # which this extension then shares), and it enables the `omp simd` loops.
-    # -ffp-contract=off: no fused multiply-adds chosen by the compiler, so every instruction-set clone of
-    # the CPU loops (ls_simd.h) rounds the same way and results do not depend on which code path runs.
+    # -ffp-contract=off: no fused multiply-adds chosen by the compiler, so every instruction-set copy of
+    # the CPU kernels (csrc/cpu/ls_isa_*.cpp) rounds the same way and results do not depend on which runs.
     # -fno-trapping-math: lets the vectorizer turn the loops' selects into blends on AVX2/SSE2 (it
     # changes no result; the code never reads floating-point exception flags).
     cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]

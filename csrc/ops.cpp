@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/ls_cpu_isa.h"
 #include "ls_build_info.h"
 
 #ifdef _OPENMP
@@ -44,12 +45,38 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  pybind11::list isas;
+  for (auto isa : labelsmooth::cpu::supported_isas()) isas.append(labelsmooth::cpu::isa_name(isa));
+  info["cpu_isas"] = isas;
   return info;
+}
+
+// A bad LABELSMOOTH_CPU_ISA or name raises ValueError in Python, as it does through the ops.
+template <typename Fn>
+auto value_errors_to_python(Fn fn) {
+  try {
+    return fn();
+  } catch (const c10::ValueError& error) {
+    throw pybind11::value_error(error.what_without_backtrace());
+  }
+}
+
+std::string cpu_isa() {
+  return value_errors_to_python([] { return std::string(labelsmooth::cpu::isa_name(labelsmooth::cpu::active_isa())); });
+}
+
+void set_cpu_isa(const std::string& name) {
+  value_errors_to_python([&] { labelsmooth::cpu::set_active_isa(name); });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, module) {
   module.doc() = "labelsmooth_ext compiled kernels (the ops live in torch.ops.labelsmooth)";
-  module.def("build_info", &build_info, "How this extension was built: versions, CUDA archs, OpenMP.");
+  module.def("build_info", &build_info,
+             "How this extension was built: versions, CUDA archs, OpenMP, the CPU instruction sets it can run here.");
+  module.def("cpu_isa", &cpu_isa, "The instruction set whose CPU kernels the ops run: avx512, avx2 or baseline.");
+  module.def("set_cpu_isa", &set_cpu_isa, pybind11::arg("name"),
+             "Runs the CPU kernels of this instruction set from now on (avx512, avx2, baseline, or auto for the "
+             "best this CPU supports); ValueError if unknown or not supported here.");
 }

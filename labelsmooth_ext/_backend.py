@@ -143,7 +143,7 @@ BACKEND, REASON, _BUILD_INFO = _load()
 
 
 def backend_info():
-    """What runs the loss here: backend, why, versions, CUDA kernels and archs, OpenMP threads."""
+    """What runs the loss here: backend, why, versions, CUDA kernels and archs, OpenMP threads, CPU ISA."""
     archs = _BUILD_INFO.get("cuda_archs", "")
     return {
         "backend": BACKEND,
@@ -156,4 +156,15 @@ def backend_info():
         "cuda_available": torch.cuda.is_available(),
         "openmp": bool(_BUILD_INFO.get("openmp", False)),
         "num_threads": torch.get_num_threads(),
+        # CPU kernels' instruction set in use (LABELSMOOTH_CPU_ISA forces one), and those this CPU can run.
+        "cpu_isa": _cpu_isa(),
+        "cpu_isas": list(_BUILD_INFO.get("cpu_isas", [])),
     }
+
+
+def _cpu_isa():
+    if BACKEND != "compiled":
+        return None
+    from . import _C
+
+    return _C.cpu_isa()

@@ -1,7 +1,9 @@
-"""Determinism across thread counts, and a single OpenMP runtime in the process."""
+"""Determinism across thread counts (on every CPU instruction set of the compiled kernels), and a single
+OpenMP runtime in the process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import labelsmooth_ext
 from labelsmooth_ext import reference
 
 from conftest import REDUCTION_CODES, class_weight, op_backward, op_forward, probability_target, randn
+from cpu_isa_paths import ALL_ISAS, running_on
 
 THREAD_COUNTS = (1, 2, 4)
 
@@ -39,7 +42,7 @@ def _inputs(shape, kind, dtype, gen):
 
 
 def _run(impl, x, target, weight, reduction, grad_output):
-    forward, backward = ((op_forward(), op_backward()) if impl == "active_op"
+    forward, backward = ((op_forward(), op_backward()) if impl.startswith("op")
                          else (reference.ls_cross_entropy_forward, reference.ls_cross_entropy_backward))
     code = REDUCTION_CODES[reduction]
     loss, lse, mass = forward(x, target, weight, -100, 0.1, 0, None, code)
@@ -47,7 +50,12 @@ def _run(impl, x, target, weight, reduction, grad_output):
     return loss, lse, grad
 
 
-@pytest.mark.parametrize("impl", ["active_op", "reference"])
+# The compiled op on each instruction set ("op@avx2": skipped where the CPU cannot run, or without the
+# extension), and the reference functions that the fallback op runs.
+IMPLS = [f"op@{isa}" for isa in ALL_ISAS] + ["reference"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,kind", SHAPES, ids=[f"{s}-{k}" for s, k in SHAPES])
@@ -56,9 +64,10 @@ def test_same_bits_for_any_thread_count(shape, kind, dtype, reduction, impl, gen
     row_shape = shape[:1] + shape[2:]
     grad_output = (torch.rand(row_shape if reduction == "none" else (), generator=gen) + 0.5)
     results = {}
-    for threads in THREAD_COUNTS:
-        torch.set_num_threads(threads)
-        results[threads] = _run(impl, x, target, weight, reduction, grad_output)
+    with running_on(impl.split("@")[1]) if "@" in impl else contextlib.nullcontext():
+        for threads in THREAD_COUNTS:
+            torch.set_num_threads(threads)
+            results[threads] = _run(impl, x, target, weight, reduction, grad_output)
     base = results[THREAD_COUNTS[0]]
     for threads, result in results.items():
         for name, a, b in zip(("loss", "lse", "grad"), base, result):

@@ -1,19 +1,16 @@
-// The vectorized inner loops of the CPU kernels, each over one contiguous chunk of a row. They are
-// inlined into the drivers' LS_CPU_TARGET_CLONES functions, so they are compiled once per instruction set.
+// The vectorized inner loops of the CPU kernels, each over one contiguous chunk of a row. Part of the
+// per-instruction-set kernels (ls_isa_kernels.h): inlined into the drivers, compiled once per instruction set.
 //
 // A chunk is small enough to stay in the L1/L2 cache, so the forward makes two passes over it (max and
 // sums, then sum of exp) while reading it from memory once. The drivers cut every row into the same fixed
 // chunks whatever the thread count and merge the per-chunk results in chunk order, which is what makes
-// the results bit-identical for any number of threads.
+// the results bit-identical for any number of threads. The loops run on fixed-width lanes (ls_lanes.h),
+// so they are bit-identical across instruction sets as well.
 #pragma once
 
-#include <algorithm>
-#include <cstdint>
+#include "cpu/ls_lanes.h"
 
-#include "kernels/ls_row_math.h"
-#include "cpu/ls_simd.h"
-
-namespace labelsmooth::cpu {
+namespace labelsmooth::cpu::LS_CPU_ISA {
 
 // Logits per chunk: 32 KiB of fp32, so the second pass of the forward reads from L1/L2.
 constexpr int64_t kChunkElements = 8192;
@@ -32,6 +29,54 @@ LS_INLINE ChunkPartial<acc_t> merge_chunk_partials(const ChunkPartial<acc_t>& a,
                              a.mass + b.mass};
 }
 
+// The loop bodies passed to for_lane_blocks must be inlined too (GCC may otherwise call them per block).
+#define LS_LAMBDA_INLINE __attribute__((always_inline))
+
+// Calls body(j, full, count) for the lane blocks of [begin, end): count = kLaneCount elements from j
+// (full is std::true_type), then at most one partial block of count < kLaneCount (std::false_type).
+template <typename acc_t, typename Body>
+LS_INLINE void for_lane_blocks(int64_t begin, int64_t end, Body&& body) {
+  constexpr int64_t kLanes = kLaneCount<acc_t>;
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) body(j, std::true_type{}, kLanes);
+  if (j < end) body(j, std::false_type{}, end - j);
+}
+
+// The block at p: full, or its first count elements (zeros in the other lanes).
+template <typename Full, typename scalar_t>
+LS_INLINE auto load_block(const scalar_t* p, int64_t count) {
+  if constexpr (Full::value) {
+    return load_lanes(p);
+  } else {
+    return load_first_lanes(p, count);
+  }
+}
+
+template <typename Full, typename scalar_t, typename V>
+LS_INLINE void store_block(scalar_t* p, V v, int64_t count) {
+  if constexpr (Full::value) {
+    store_lanes(p, v);
+  } else {
+    store_first_lanes(p, v, count);
+  }
+}
+
+// v where the block has data, else fill (a partial block's padding must not count).
+template <typename Full, typename acc_t>
+LS_INLINE Lanes<acc_t> in_block_or(Lanes<acc_t> v, acc_t fill, int64_t count) {
+  if constexpr (Full::value) {
+    return v;
+  } else {
+    return select(first_lanes<acc_t>(count), v, broadcast(fill));
+  }
+}
+
+// w_j times v (w == nullptr: all weights 1).
+template <typename Full, typename acc_t>
+LS_INLINE Lanes<acc_t> weighted(const acc_t* w, int64_t j, int64_t count, Lanes<acc_t> v) {
+  return w == nullptr ? v : load_block<Full>(w + j, count) * v;
+}
+
 // Logits per prefetch step of chunk_sum_exp: 1 KiB of fp32, 16 cache lines.
 constexpr int64_t kPrefetchBlock = 256;
 
@@ -43,131 +88,94 @@ template <typename scalar_t, typename acc_t>
 LS_INLINE acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max, const scalar_t* prefetch_next) {
   // A chunk of only -inf logits contributes nothing (exp(-inf - -inf) would be NaN).
   if (max == -INFINITY) return acc_t(0);
-  acc_t s = 0;
+  Lanes<acc_t> sum{};
   for (int64_t block = 0; block < n; block += kPrefetchBlock) {
     const int64_t block_end = std::min(n, block + kPrefetchBlock);
     const char* next = reinterpret_cast<const char*>(prefetch_next + block);
     for (int64_t byte = 0; byte < (block_end - block) * int64_t(sizeof(scalar_t)); byte += 64) {
       __builtin_prefetch(next + byte, 0, 1);
     }
-    acc_t block_sum = 0;
-#pragma omp simd reduction(+ : block_sum)
-    for (int64_t j = block; j < block_end; ++j) block_sum += exp_vectorizable(load_as_acc(z[j]) - max);
-    s += block_sum;
+    for_lane_blocks<acc_t>(block, block_end, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
+      using Full = decltype(full);
+      sum += in_block_or<Full>(exp_vectorizable(load_block<Full>(z + j, count) - max), acc_t(0), count);
+    });
   }
-  return s;
+  return sum_lanes<acc_t>(sum);
 }
 
 // The chunk's max, and sum_c w_c (z_c - pivot) (w == nullptr: all weights 1), in one pass.
 template <typename scalar_t, typename acc_t>
 LS_INLINE void chunk_max_and_shifted_sum(const scalar_t* z, const acc_t* w, int64_t n, acc_t pivot, acc_t* max_out,
                                          acc_t* sum_out) {
-  acc_t m = -INFINITY, s = 0;
-  if (w == nullptr) {
-#pragma omp simd reduction(max : m) reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t x = load_as_acc(z[j]);
-      m = x > m ? x : m;
-      s += x - pivot;
-    }
-  } else {
-#pragma omp simd reduction(max : m) reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t x = load_as_acc(z[j]);
-      m = x > m ? x : m;
-      s += w[j] * (x - pivot);
-    }
-  }
-  *max_out = m;
-  *sum_out = s;
+  Lanes<acc_t> m = broadcast<acc_t>(-INFINITY), s{};
+  for_lane_blocks<acc_t>(0, n, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
+    using Full = decltype(full);
+    const Lanes<acc_t> x = in_block_or<Full>(load_block<Full>(z + j, count), acc_t(-INFINITY), count);
+    m = select(x > m, x, m);
+    s += in_block_or<Full>(weighted<Full>(w, j, count, x - pivot), acc_t(0), count);
+  });
+  *max_out = max_lanes<acc_t>(m);
+  *sum_out = sum_lanes<acc_t>(s);
 }
 
 // The chunk's max, sum_c w_c t'_c and sum_c w_c t'_c (z_c - pivot) for probability targets t
 // (t' = (1-eps) t + eps/K), in one pass.
 template <typename scalar_t, typename target_t, typename acc_t>
-LS_INLINE void chunk_target_sums(const scalar_t* z, const target_t* t, const acc_t* w, int64_t n,
-                                            acc_t pivot, acc_t eps, int64_t classes, acc_t* max_out,
-                                            acc_t* mass_out, acc_t* dot_out) {
-  acc_t m = -INFINITY, mass = 0, dot = 0;
-  if (w == nullptr) {
-#pragma omp simd reduction(max : m) reduction(+ : mass, dot)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t x = load_as_acc(z[j]);
-      const acc_t tw = smoothed_probability(load_as_acc(t[j]), eps, classes);
-      m = x > m ? x : m;
-      mass += tw;
-      dot += tw * (x - pivot);
-    }
-  } else {
-#pragma omp simd reduction(max : m) reduction(+ : mass, dot)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t x = load_as_acc(z[j]);
-      const acc_t tw = w[j] * smoothed_probability(load_as_acc(t[j]), eps, classes);
-      m = x > m ? x : m;
-      mass += tw;
-      dot += tw * (x - pivot);
-    }
-  }
-  *max_out = m;
-  *mass_out = mass;
-  *dot_out = dot;
+LS_INLINE void chunk_target_sums(const scalar_t* z, const target_t* t, const acc_t* w, int64_t n, acc_t pivot,
+                                 acc_t eps, int64_t classes, acc_t* max_out, acc_t* mass_out, acc_t* dot_out) {
+  Lanes<acc_t> m = broadcast<acc_t>(-INFINITY), mass{}, dot{};
+  for_lane_blocks<acc_t>(0, n, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
+    using Full = decltype(full);
+    const Lanes<acc_t> x = in_block_or<Full>(load_block<Full>(z + j, count), acc_t(-INFINITY), count);
+    const Lanes<acc_t> tw = in_block_or<Full>(
+        weighted<Full>(w, j, count, smoothed_probability_lanes<acc_t>(load_block<Full>(t + j, count), eps, classes)),
+        acc_t(0), count);
+    m = select(x > m, x, m);
+    mass += tw;
+    dot += in_block_or<Full>(tw * (x - pivot), acc_t(0), count);
+  });
+  *max_out = max_lanes<acc_t>(m);
+  *mass_out = sum_lanes<acc_t>(mass);
+  *dot_out = sum_lanes<acc_t>(dot);
 }
 
 // sum_c w_c t'_c alone (the backward needs it before writing any gradient of the row).
 template <typename target_t, typename acc_t>
-LS_INLINE acc_t chunk_target_mass(const target_t* t, const acc_t* w, int64_t n, acc_t eps,
-                                             int64_t classes) {
-  acc_t mass = 0;
-  if (w == nullptr) {
-#pragma omp simd reduction(+ : mass)
-    for (int64_t j = 0; j < n; ++j) mass += smoothed_probability(load_as_acc(t[j]), eps, classes);
-  } else {
-#pragma omp simd reduction(+ : mass)
-    for (int64_t j = 0; j < n; ++j) mass += w[j] * smoothed_probability(load_as_acc(t[j]), eps, classes);
-  }
-  return mass;
+LS_INLINE acc_t chunk_target_mass(const target_t* t, const acc_t* w, int64_t n, acc_t eps, int64_t classes) {
+  Lanes<acc_t> mass{};
+  for_lane_blocks<acc_t>(0, n, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
+    using Full = decltype(full);
+    mass += in_block_or<Full>(
+        weighted<Full>(w, j, count, smoothed_probability_lanes<acc_t>(load_block<Full>(t + j, count), eps, classes)),
+        acc_t(0), count);
+  });
+  return sum_lanes<acc_t>(mass);
 }
 
 // Class-index gradient of a chunk, without the target's own term (the driver patches that one element):
 //   out_j = prob_scale * exp(z_j - lse) - smooth_scale * w_j
 template <typename scalar_t, typename acc_t>
-LS_INLINE void chunk_class_index_grad(const scalar_t* z, const acc_t* w, scalar_t* out, int64_t n,
-                                                 acc_t lse, ClassIndexGradCoefs<acc_t> coefs) {
-  if (w == nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t p = exp_vectorizable(load_as_acc(z[j]) - lse);
-      out[j] = store_from_acc<scalar_t, acc_t>(class_index_grad(coefs, p, acc_t(1), false));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t p = exp_vectorizable(load_as_acc(z[j]) - lse);
-      out[j] = store_from_acc<scalar_t, acc_t>(class_index_grad(coefs, p, w[j], false));
-    }
-  }
+LS_INLINE void chunk_class_index_grad(const scalar_t* z, const acc_t* w, scalar_t* out, int64_t n, acc_t lse,
+                                      ClassIndexGradCoefs<acc_t> coefs) {
+  for_lane_blocks<acc_t>(0, n, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
+    using Full = decltype(full);
+    const Lanes<acc_t> p = exp_vectorizable(load_block<Full>(z + j, count) - lse);
+    const Lanes<acc_t> w_j = w == nullptr ? broadcast(acc_t(1)) : load_block<Full>(w + j, count);
+    store_block<Full>(out + j, class_index_grad_lanes(coefs, p, w_j), count);
+  });
 }
 
 // Probability-target gradient of a chunk: out_j = g * (mass * exp(z_j - lse) - w_j t'_j)
 template <typename scalar_t, typename target_t, typename acc_t>
-LS_INLINE void chunk_probability_grad(const scalar_t* z, const target_t* t, const acc_t* w,
-                                                 scalar_t* out, int64_t n, acc_t lse, acc_t g, acc_t mass,
-                                                 acc_t eps, int64_t classes) {
-  if (w == nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t p = exp_vectorizable(load_as_acc(z[j]) - lse);
-      const acc_t target_mass = smoothed_probability(load_as_acc(t[j]), eps, classes);
-      out[j] = store_from_acc<scalar_t, acc_t>(probability_grad(g, mass, p, target_mass));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t p = exp_vectorizable(load_as_acc(z[j]) - lse);
-      const acc_t target_mass = w[j] * smoothed_probability(load_as_acc(t[j]), eps, classes);
-      out[j] = store_from_acc<scalar_t, acc_t>(probability_grad(g, mass, p, target_mass));
-    }
-  }
+LS_INLINE void chunk_probability_grad(const scalar_t* z, const target_t* t, const acc_t* w, scalar_t* out, int64_t n,
+                                      acc_t lse, acc_t g, acc_t mass, acc_t eps, int64_t classes) {
+  for_lane_blocks<acc_t>(0, n, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
+    using Full = decltype(full);
+    const Lanes<acc_t> p = exp_vectorizable(load_block<Full>(z + j, count) - lse);
+    const Lanes<acc_t> target_mass =
+        weighted<Full>(w, j, count, smoothed_probability_lanes<acc_t>(load_block<Full>(t + j, count), eps, classes));
+    store_block<Full>(out + j, probability_grad_lanes(g, mass, p, target_mass), count);
+  });
 }
 
-}  // namespace labelsmooth::cpu
+}  // namespace labelsmooth::cpu::LS_CPU_ISA

@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "cpu/ls_cpu_common.h"
+#include "cpu/ls_cpu_isa.h"
 #include "ls_op_common.h"
 
 namespace labelsmooth::cpu {
@@ -77,10 +78,26 @@ RowProblem<scalar_t, target_t, acc_t> make_row_problem(const PreparedInputs& in,
                                                ignore_index};
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double label_smoothing, int64_t ignore_index,
-                                               int64_t reduction);
+// The two ops' CPU implementations for one instruction set (arguments already checked).
+struct IsaKernels {
+  std::tuple<at::Tensor, at::Tensor> (*forward)(const PreparedInputs& in, double label_smoothing,
+                                                int64_t ignore_index, int64_t reduction);
+  at::Tensor (*backward)(const at::Tensor& grad_loss, const PreparedInputs& in, const at::Tensor& lse,
+                         double label_smoothing, int64_t ignore_index, int64_t reduction);
+};
 
-at::Tensor backward_cpu(const at::Tensor& grad_loss, const PreparedInputs& in, const at::Tensor& lse,
-                        double label_smoothing, int64_t ignore_index, int64_t reduction);
+// One copy of the kernels per instruction set, each defined by its ls_isa_<name>.cpp (the x86 ones only
+// where the compiler can target them: LS_CPU_X86_VARIANTS). ls_cpu_isa.h says which one runs.
+namespace baseline {
+extern const IsaKernels kernels;
+}
+#if LS_CPU_X86_VARIANTS
+namespace avx2 {
+extern const IsaKernels kernels;
+}
+namespace avx512 {
+extern const IsaKernels kernels;
+}
+#endif
 
 }  // namespace labelsmooth::cpu

@@ -1,4 +1,5 @@
-// TORCH_LIBRARY_IMPL(labelsmooth, CPU): argument checks, then the OpenMP/SIMD kernels.
+// TORCH_LIBRARY_IMPL(labelsmooth, CPU): argument checks, then the OpenMP/SIMD kernels of the
+// instruction set that ls_cpu_isa.h chooses.
 #include <torch/library.h>
 
 #include "cpu/ls_cpu_kernels.h"
@@ -7,13 +8,23 @@
 namespace labelsmooth::cpu {
 namespace {
 
+const IsaKernels& active_kernels() {
+  switch (active_isa()) {
+#if LS_CPU_X86_VARIANTS
+    case Isa::kAvx512: return avx512::kernels;
+    case Isa::kAvx2: return avx2::kernels;
+#endif
+    default: return baseline::kernels;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> ls_cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& target,
                                                                 const std::optional<at::Tensor>& weight,
                                                                 int64_t ignore_index, double label_smoothing,
                                                                 int64_t reduction) {
   const PreparedInputs prepared =
       prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing, reduction);
-  return forward_cpu(prepared, label_smoothing, ignore_index, reduction);
+  return active_kernels().forward(prepared, label_smoothing, ignore_index, reduction);
 }
 
 at::Tensor ls_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
@@ -23,10 +34,17 @@ at::Tensor ls_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::
   const PreparedInputs prepared =
       prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing, reduction);
   const at::Tensor grad = prepare_backward_grad(grad_loss, lse, prepared, reduction);
-  return backward_cpu(grad, prepared, lse, label_smoothing, ignore_index, reduction);
+  return active_kernels().backward(grad, prepared, lse, label_smoothing, ignore_index, reduction);
 }
 
 }  // namespace
+
+void check_class_indices(const int64_t* target, int64_t rows, int64_t classes, int64_t ignore_index) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = target[r];
+    if (y != ignore_index && (y < 0 || y >= classes)) throw_target_out_of_bounds(y, classes, ignore_index);
+  }
+}
 
 TORCH_LIBRARY_IMPL(labelsmooth, CPU, m) {
   m.impl("ls_cross_entropy_forward", &ls_cross_entropy_forward_cpu);

@@ -1,14 +1,9 @@
 // CPU backward: one read of the logits and one write of the gradient, from the lse the forward saved.
 // Every gradient element depends only on its row's constants, so the work splits freely over threads.
-#include <ATen/ATen.h>
+// Compiled once per instruction set, like the forward (see ls_isa_kernels.h).
+#pragma once
 
-#include <vector>
-
-#include "cpu/ls_chunk_kernels.h"
-#include "cpu/ls_cpu_common.h"
-#include "cpu/ls_cpu_kernels.h"
-
-namespace labelsmooth::cpu {
+namespace labelsmooth::cpu::LS_CPU_ISA {
 namespace {
 
 // Upstream gradient of each row: grad_loss[r] for 'none', grad_loss / denominator for 'mean'.
@@ -44,7 +39,7 @@ LS_INLINE void class_index_grad_chunk(const RowProblem<scalar_t, int64_t, acc_t>
 // Chunk tasks [begin, end) (task = row * chunks + chunk) of an (N, C) gradient. mass: per-row target
 // mass (probability targets only).
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-LS_CPU_TARGET_CLONES void backward_chunk_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
+void backward_chunk_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
                                                int64_t end, const acc_t* lse, RowGrad<acc_t> g, const acc_t* mass,
                                                scalar_t* grad) {
   const int64_t chunks = ceil_div(p.classes, kChunkElements);
@@ -65,7 +60,7 @@ LS_CPU_TARGET_CLONES void backward_chunk_range(const RowProblem<scalar_t, target
 
 // sum_c w_c t'_c of rows [begin, end): the probability-target gradient needs it before its first write.
 template <typename scalar_t, typename target_t, typename acc_t>
-LS_CPU_TARGET_CLONES void target_mass_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
+void target_mass_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
                                             int64_t end, acc_t* mass) {
   for (int64_t r = begin; r < end; ++r) {
     acc_t total = 0;
@@ -97,7 +92,7 @@ void backward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, const acc_t* 
 // One tile of rows (see forward_tile and TileAddressing), gradient written class by class. The
 // gradient is contiguous, so it is addressed like the probability targets.
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kRowLanes>
-LS_CPU_TARGET_CLONES void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0,
+void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0,
                                         int64_t lanes, const acc_t* lse, RowGrad<acc_t> g, scalar_t* grad) {
   const TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
   const scalar_t* base = p.logits + at.logits_base;
@@ -208,4 +203,4 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const PreparedInputs& in, c
   return grad;
 }
 
-}  // namespace labelsmooth::cpu
+}  // namespace labelsmooth::cpu::LS_CPU_ISA

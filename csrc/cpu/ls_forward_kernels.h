@@ -1,24 +1,19 @@
-// CPU forward: per-row lse and loss, then the reduction.
+// CPU forward: per-row lse and loss, then the reduction. Compiled once per instruction set (see
+// ls_isa_kernels.h), so everything here lives in namespace labelsmooth::cpu::LS_CPU_ISA.
 //
 // Every row is cut into the same chunks and their results merged in the same order whichever thread
 // computes them: same bits for any thread count.
-#include <ATen/ATen.h>
+#pragma once
 
-#include <vector>
-
-#include "cpu/ls_chunk_kernels.h"
-#include "cpu/ls_cpu_common.h"
-#include "cpu/ls_cpu_kernels.h"
-
-namespace labelsmooth::cpu {
+namespace labelsmooth::cpu::LS_CPU_ISA {
 namespace {
 
 // Summary of logits [begin, begin + n) of row r: max and sum of exp, and the target-dependent sums.
 // Never inlined: the whole-row and the split-row schedules must run the very same machine code on a
 // chunk (an inlined copy may be vectorized differently), or results would depend on the thread count.
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-__attribute__((noinline)) LS_CPU_TARGET_CLONES ChunkPartial<acc_t> row_chunk_partial(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r,
-                                                int64_t begin, int64_t n) {
+__attribute__((noinline)) ChunkPartial<acc_t> row_chunk_partial(const RowProblem<scalar_t, target_t, acc_t>& p,
+                                                                int64_t r, int64_t begin, int64_t n) {
   const scalar_t* row = p.row_logits(r, 0);
   const scalar_t* z = row + begin;
   const acc_t pivot = row_pivot(acc_t(load_as_acc(row[0])));
@@ -114,7 +109,7 @@ void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, ac
 // a load gathers one class of each row. Two passes (max and sums, then sum of exp) over a tile that
 // stays in cache.
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kRowLanes>
-LS_CPU_TARGET_CLONES void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0,
+void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0,
                                        int64_t lanes, acc_t* lse, acc_t* loss) {
   const TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
   const scalar_t* base = p.logits + at.logits_base;
@@ -189,13 +184,6 @@ acc_t sum_in_row_order(const acc_t* values, int64_t n) {
 
 }  // namespace
 
-void check_class_indices(const int64_t* target, int64_t rows, int64_t classes, int64_t ignore_index) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t y = target[r];
-    if (y != ignore_index && (y < 0 || y >= classes)) throw_target_out_of_bounds(y, classes, ignore_index);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double label_smoothing, int64_t ignore_index,
                                                int64_t reduction) {
   const ProblemLayout& layout = in.layout;
@@ -248,4 +236,4 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double 
   return {total, lse};
 }
 
-}  // namespace labelsmooth::cpu
+}  // namespace labelsmooth::cpu::LS_CPU_ISA

@@ -1,0 +1,292 @@
+// Fixed-width SIMD lanes for the CPU kernels, and the exp that vector and scalar code share.
+//
+// Lanes<T> is 64 bytes of T (16 fp32 or 8 fp64 lanes) held as native vectors of the instruction set
+// being compiled (LS_CPU_VECTOR_BYTES: one zmm, two ymm or four xmm; GCC's own lowering of 64-byte
+// generic vectors turns comparisons into scalar code on AVX2). Lane l is always element l of a block, so
+// the per-lane partial sums, and with -ffp-contract=off every result, are the same bits on every
+// instruction set. Part of the per-instruction-set kernels (ls_isa_kernels.h).
+#pragma once
+
+#ifndef LS_CPU_VECTOR_BYTES
+#error "define LS_CPU_VECTOR_BYTES (the native vector width) before including ls_lanes.h"
+#endif
+
+namespace labelsmooth::cpu::LS_CPU_ISA {
+
+// A scalar operand of a Lanes operator takes its type from the Lanes operand (1.0f with Lanes<float>).
+template <typename T>
+struct NonDeducedType {
+  using type = T;
+};
+template <typename T>
+using NonDeduced = typename NonDeducedType<T>::type;
+
+template <typename T>
+struct Native;
+template <>
+struct Native<float> {
+  typedef float type __attribute__((vector_size(LS_CPU_VECTOR_BYTES)));
+};
+template <>
+struct Native<double> {
+  typedef double type __attribute__((vector_size(LS_CPU_VECTOR_BYTES)));
+};
+template <>
+struct Native<int32_t> {
+  typedef int32_t type __attribute__((vector_size(LS_CPU_VECTOR_BYTES)));
+};
+template <>
+struct Native<int64_t> {
+  typedef int64_t type __attribute__((vector_size(LS_CPU_VECTOR_BYTES)));
+};
+typedef uint32_t u32_native __attribute__((vector_size(LS_CPU_VECTOR_BYTES)));
+typedef uint16_t u16_half_native __attribute__((vector_size(LS_CPU_VECTOR_BYTES / 2)));
+
+constexpr int64_t kBlockBytes = 64;
+
+template <typename T>
+constexpr int64_t kLaneCount = kBlockBytes / sizeof(T);
+
+template <typename T>
+struct Lanes {
+  static constexpr int kParts = kBlockBytes / LS_CPU_VECTOR_BYTES;
+  typename Native<T>::type part[kParts];
+};
+
+// What comparing lanes of T gives: all ones where true, in integers of T's width.
+template <typename T>
+using MaskOf = Lanes<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>;
+
+#define LS_LANES_OPERATOR(op)                                                                    \
+  template <typename T>                                                                          \
+  LS_INLINE Lanes<T> operator op(Lanes<T> a, Lanes<T> b) {                                       \
+    for (int i = 0; i < Lanes<T>::kParts; ++i) a.part[i] = a.part[i] op b.part[i];               \
+    return a;                                                                                    \
+  }                                                                                              \
+  template <typename T>                                                                          \
+  LS_INLINE Lanes<T> operator op(Lanes<T> a, NonDeduced<T> b) {                        \
+    for (int i = 0; i < Lanes<T>::kParts; ++i) a.part[i] = a.part[i] op b;                       \
+    return a;                                                                                    \
+  }                                                                                              \
+  template <typename T>                                                                          \
+  LS_INLINE Lanes<T> operator op(NonDeduced<T> a, Lanes<T> b) {                        \
+    for (int i = 0; i < Lanes<T>::kParts; ++i) b.part[i] = a op b.part[i];                       \
+    return b;                                                                                    \
+  }
+LS_LANES_OPERATOR(+)
+LS_LANES_OPERATOR(-)
+LS_LANES_OPERATOR(*)
+#undef LS_LANES_OPERATOR
+
+template <typename T>
+LS_INLINE Lanes<T>& operator+=(Lanes<T>& a, Lanes<T> b) { return a = a + b; }
+template <typename T>
+LS_INLINE Lanes<T>& operator-=(Lanes<T>& a, Lanes<T> b) { return a = a - b; }
+
+template <typename T>
+LS_INLINE Lanes<T> operator<<(Lanes<T> a, int bits) {
+  for (int i = 0; i < Lanes<T>::kParts; ++i) a.part[i] = a.part[i] << bits;
+  return a;
+}
+
+#define LS_LANES_COMPARISON(op)                                                                    \
+  template <typename T>                                                                            \
+  LS_INLINE MaskOf<T> operator op(Lanes<T> a, Lanes<T> b) {                                        \
+    MaskOf<T> m;                                                                                   \
+    for (int i = 0; i < Lanes<T>::kParts; ++i) m.part[i] = a.part[i] op b.part[i];                 \
+    return m;                                                                                      \
+  }                                                                                                \
+  template <typename T>                                                                            \
+  LS_INLINE MaskOf<T> operator op(Lanes<T> a, NonDeduced<T> b) {                         \
+    MaskOf<T> m;                                                                                   \
+    for (int i = 0; i < Lanes<T>::kParts; ++i) m.part[i] = a.part[i] op b;                         \
+    return m;                                                                                      \
+  }
+LS_LANES_COMPARISON(<)
+LS_LANES_COMPARISON(>)
+#undef LS_LANES_COMPARISON
+
+// mask ? a : b, lane by lane (and the scalar form, so that scalar and vector code share templates).
+template <typename T>
+LS_INLINE Lanes<T> select(MaskOf<T> mask, Lanes<T> a, Lanes<T> b) {
+  for (int i = 0; i < Lanes<T>::kParts; ++i) a.part[i] = mask.part[i] ? a.part[i] : b.part[i];
+  return a;
+}
+template <typename T>
+LS_INLINE Lanes<T> select(MaskOf<T> mask, NonDeduced<T> a, Lanes<T> b) {
+  for (int i = 0; i < Lanes<T>::kParts; ++i) b.part[i] = mask.part[i] ? a : b.part[i];
+  return b;
+}
+LS_INLINE float select(bool mask, float a, float b) { return mask ? a : b; }
+
+template <typename T>
+LS_INLINE Lanes<T> broadcast(T x) {
+  Lanes<T> v{};
+  return v + x;
+}
+
+// Lanes [0, n) true: where a partial block at the end of a chunk holds data.
+template <typename T>
+LS_INLINE MaskOf<T> first_lanes(int64_t n) {
+  using mask_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  mask_t bits[kLaneCount<T>];
+  for (int64_t l = 0; l < kLaneCount<T>; ++l) bits[l] = l < n ? -1 : 0;
+  MaskOf<T> m;
+  std::memcpy(&m, bits, sizeof(m));
+  return m;
+}
+
+// Sum and max over the lanes, always in lane order, so they too are the same on every instruction set.
+template <typename T>
+LS_INLINE T sum_lanes(Lanes<T> v) {
+  T lanes[kLaneCount<T>];
+  std::memcpy(lanes, &v, sizeof(v));
+  T s = lanes[0];
+  for (int64_t l = 1; l < kLaneCount<T>; ++l) s += lanes[l];
+  return s;
+}
+template <typename T>
+LS_INLINE T max_lanes(Lanes<T> v) {
+  T lanes[kLaneCount<T>];
+  std::memcpy(lanes, &v, sizeof(v));
+  T m = lanes[0];
+  for (int64_t l = 1; l < kLaneCount<T>; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+// One block of consecutive elements, widened to the accumulation type. Every copy is one native vector
+// at a time: a 64-byte memcpy would go through the stack in smaller pieces and stall the loads after it.
+template <typename T>
+LS_INLINE Lanes<T> load_lanes(const T* p) {  // float, double
+  Lanes<T> v;
+  constexpr int64_t kPartLanes = kLaneCount<T> / Lanes<T>::kParts;
+  for (int i = 0; i < Lanes<T>::kParts; ++i) std::memcpy(&v.part[i], p + i * kPartLanes, sizeof(v.part[i]));
+  return v;
+}
+LS_INLINE Lanes<float> load_lanes(const bf16_bits* p) {
+  Lanes<float> v;
+  for (int i = 0; i < Lanes<float>::kParts; ++i) {
+    u16_half_native half;
+    std::memcpy(&half, p + i * sizeof(half) / 2, sizeof(half));
+    v.part[i] = reinterpret_cast<Native<float>::type>(__builtin_convertvector(half, u32_native) << 16);
+  }
+  return v;
+}
+LS_INLINE Lanes<float> load_lanes(const fp16_bits* p) {
+  float lanes[kLaneCount<float>];
+  for (int64_t l = 0; l < kLaneCount<float>; ++l) lanes[l] = load_as_acc(p[l]);
+  return load_lanes(lanes);
+}
+
+// The first n (< a block) elements; the other lanes hold zeros.
+template <typename scalar_t>
+LS_INLINE auto load_first_lanes(const scalar_t* p, int64_t n) {
+  scalar_t buffer[kLaneCount<acc_type<scalar_t>>] = {};
+  std::memcpy(buffer, p, n * sizeof(scalar_t));
+  return load_lanes(buffer);
+}
+
+// Stores one block, rounded to the storage type as store_from_acc does.
+template <typename T>
+LS_INLINE void store_lanes(T* p, Lanes<T> v) {  // float, double
+  constexpr int64_t kPartLanes = kLaneCount<T> / Lanes<T>::kParts;
+  for (int i = 0; i < Lanes<T>::kParts; ++i) std::memcpy(p + i * kPartLanes, &v.part[i], sizeof(v.part[i]));
+}
+LS_INLINE void store_lanes(bf16_bits* p, Lanes<float> v) {
+  for (int i = 0; i < Lanes<float>::kParts; ++i) {
+    // Round to nearest even; NaN stays a (quiet) NaN. The comparison is signed: AVX2 has no unsigned one.
+    const u32_native u = reinterpret_cast<u32_native>(v.part[i]);
+    const u32_native rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const auto is_nan = reinterpret_cast<Native<int32_t>::type>(u & 0x7FFFFFFFu) > 0x7F800000;
+    const u16_half_native half = __builtin_convertvector(is_nan ? 0x7FC0u : rounded, u16_half_native);
+    std::memcpy(p + i * sizeof(half) / 2, &half, sizeof(half));
+  }
+}
+LS_INLINE void store_lanes(fp16_bits* p, Lanes<float> v) {
+  float lanes[kLaneCount<float>];
+  store_lanes(lanes, v);
+  for (int64_t l = 0; l < kLaneCount<float>; ++l) p[l] = store_from_acc<fp16_bits, float>(lanes[l]);
+}
+
+template <typename scalar_t, typename V>
+LS_INLINE void store_first_lanes(scalar_t* p, V v, int64_t n) {
+  scalar_t buffer[kLaneCount<acc_type<scalar_t>>];
+  store_lanes(buffer, v);
+  std::memcpy(p, buffer, n * sizeof(scalar_t));
+}
+
+LS_INLINE float bits_as_float(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+LS_INLINE Lanes<float> bits_as_float(Lanes<int32_t> bits) {
+  Lanes<float> v;
+  for (int i = 0; i < Lanes<float>::kParts; ++i) v.part[i] = reinterpret_cast<Native<float>::type>(bits.part[i]);
+  return v;
+}
+
+LS_INLINE int32_t truncate_to_int32(float x) { return static_cast<int32_t>(x); }
+LS_INLINE Lanes<int32_t> truncate_to_int32(Lanes<float> x) {
+  Lanes<int32_t> v;
+  for (int i = 0; i < Lanes<float>::kParts; ++i) {
+    v.part[i] = __builtin_convertvector(x.part[i], Native<int32_t>::type);
+  }
+  return v;
+}
+
+// exp(x) for a float or fp32 lanes, branch-free. Cephes' expf polynomial: about 1 ulp on the range the
+// kernels use (x <= 0: arguments are z - max or z - lse). Arguments below -87.3 give exactly 0 (as a
+// -inf logit must: whatever the polynomial made of them is replaced); NaN stays NaN through the
+// arithmetic; the top is clamped at 88 (never reached here). One template for both, so that scalar and
+// vector code round identically.
+template <typename V>
+LS_INLINE V exp_vectorizable(V x) {
+  constexpr float kLowest = -87.33654475f;
+  constexpr float kHighest = 88.0f;
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V xc = select(x > kHighest, kHighest, x);
+  const V n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
+  const V r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V poly = p * r * r + r + 1.0f;
+  const V scale = bits_as_float((truncate_to_int32(n) + 127) << 23);
+  return select(x < kLowest, 0.0f, poly * scale);
+}
+
+// fp64 is the reference-precision path: the library exp keeps it exact rather than fast.
+LS_INLINE double exp_vectorizable(double x) { return __builtin_exp(x); }
+LS_INLINE Lanes<double> exp_vectorizable(Lanes<double> x) {
+  double lanes[kLaneCount<double>];
+  std::memcpy(lanes, &x, sizeof(x));
+  for (int64_t l = 0; l < kLaneCount<double>; ++l) lanes[l] = __builtin_exp(lanes[l]);
+  return load_lanes(lanes);
+}
+
+// Row formulas of ls_row_math.h on lanes, with the same operations in the same order (its templates are
+// compiled for the baseline, so they cannot take the lanes' operators).
+template <typename acc_t>
+LS_INLINE Lanes<acc_t> smoothed_probability_lanes(Lanes<acc_t> t, acc_t eps, int64_t num_classes) {
+  return (acc_t(1) - eps) * t + eps / acc_t(num_classes);
+}
+
+// class_index_grad for the classes that are not the target.
+template <typename acc_t>
+LS_INLINE Lanes<acc_t> class_index_grad_lanes(ClassIndexGradCoefs<acc_t> c, Lanes<acc_t> prob, Lanes<acc_t> w_j) {
+  return c.prob_scale * prob - c.smooth_scale * w_j;
+}
+
+template <typename acc_t>
+LS_INLINE Lanes<acc_t> probability_grad_lanes(acc_t g, acc_t mass, Lanes<acc_t> prob,
+                                              Lanes<acc_t> weighted_smoothed_target) {
+  return g * (mass * prob - weighted_smoothed_target);
+}
+
+}  // namespace labelsmooth::cpu::LS_CPU_ISA

@@ -1,0 +1,138 @@
+"""Every instruction-set copy of the CPU kernels (AVX-512, AVX2, baseline) that this machine can run:
+each against the float64 PyTorch reference over the correctness matrix and every kernel path, all of
+them bit-identical to each other, and the ways of choosing one (LABELSMOOTH_CPU_ISA, set_cpu_isa)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import labelsmooth_ext
+
+from conftest import REDUCTION_CODES, op_backward, op_forward, skip_unless_compiled
+from cpu_isa_paths import ALL_ISAS, compiled_module, running_on, supported_isas
+from test_matrix import CASES, CORE_CASES, _case_id, build_case, check_against_float64
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Cases that reach every kernel path, beyond the matrix's K <= 4099: rows of several chunks (8192
+# logits each), a row split over threads (fewer rows than threads), tiles of short (N, C) rows and of
+# (N, C, d) rows, probability targets on each, with and without weights.
+KERNEL_PATH_CASES = [
+    {"dtype": dtype, "reduction": "none", "weight": weight, "eps": 0.1, "target": target, "ignore": ignore,
+     "K": k, "shape": shape, "layout": layout}
+    for dtype in ("fp32", "bf16", "fp16", "fp64")
+    for weight in ("none", "random")
+    for target, ignore in (("int64", "some"), ("prob", "none"))
+    for k, shape, layout in ((3 * 8192 + 17, "NC", "sliced"), (2 * 8192 + 5, "C", "contiguous"),
+                             (7, "NC", "contiguous"), (33, "NCd", "contiguous"), (300, "NC", "contiguous"))
+    if not (shape == "C" and ignore == "some")
+]
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+@pytest.mark.parametrize("case", CASES + CORE_CASES + KERNEL_PATH_CASES,
+                         ids=[_case_id(c) for c in CASES + CORE_CASES + KERNEL_PATH_CASES])
+def test_each_isa_matches_float64_reference(isa, case, gen, restore_num_threads):
+    if case not in KERNEL_PATH_CASES and compiled_module() is not None and isa == compiled_module().cpu_isa():
+        pytest.skip("the active instruction set runs this case in test_matrix.py already")
+    torch.set_num_threads(2)  # so that single long rows take the split-row path
+    inputs = build_case(case, gen)
+    with running_on(isa):
+        check_against_float64("compiled_op", inputs)
+
+
+def _op_results(inputs):
+    logits, target, weight, ignore_index, reduction, eps, grad_output = inputs
+    code = REDUCTION_CODES[reduction]
+    loss, lse = op_forward()(logits, target, weight, ignore_index, eps, code)
+    grad = op_backward()(grad_output.to(loss.dtype), logits, target, weight, lse, ignore_index, eps, code)
+    return {"loss": loss, "lse": lse, "grad": grad}
+
+
+@pytest.mark.parametrize("case", KERNEL_PATH_CASES + CORE_CASES[::5],
+                         ids=[_case_id(c) for c in KERNEL_PATH_CASES + CORE_CASES[::5]])
+def test_all_isas_give_the_same_bits(case, gen, restore_num_threads):
+    """Every copy computes the same operations in the same order on 16-lane fp32 (8-lane fp64) vectors
+    whatever the register width, and -ffp-contract=off forbids fused multiply-adds, so the results
+    must be bit-identical across instruction sets, not merely within tolerance."""
+    isas = supported_isas()
+    if len(isas) < 2:
+        pytest.skip(f"only {isas} can run here: nothing to compare")
+    torch.set_num_threads(2)
+    inputs = build_case(case, gen)
+    results = {}
+    for isa in isas:
+        with running_on(isa):
+            results[isa] = _op_results(inputs)
+    first = isas[0]
+    for isa in isas[1:]:
+        for name, value in results[isa].items():
+            expected = results[first][name]
+            assert torch.equal(value, expected), (
+                f"{name} of {isa} differs from {first}: max |diff| "
+                f"{(value.double() - expected.double()).abs().max().item():.3e}")
+
+
+def test_backend_info_names_the_isa_in_use():
+    skip_unless_compiled()
+    info = labelsmooth_ext.backend_info()
+    assert info["cpu_isa"] in info["cpu_isas"], info
+    assert info["cpu_isas"][-1] == "baseline", "the baseline copy must always be runnable"
+    for isa in info["cpu_isas"]:
+        with running_on(isa):
+            assert labelsmooth_ext.backend_info()["cpu_isa"] == isa
+
+
+def test_set_cpu_isa_rejects_unknown_and_unsupported_names():
+    skip_unless_compiled()
+    module = compiled_module()
+    before = module.cpu_isa()
+    with pytest.raises(ValueError, match=r"'avx9000' is not a known instruction set: expected one of avx512"):
+        module.set_cpu_isa("avx9000")
+    unsupported = [isa for isa in ALL_ISAS if isa not in supported_isas()]
+    for isa in unsupported:
+        with pytest.raises(ValueError, match=rf"asks for the {isa} kernels, which this (CPU cannot run|build "
+                                             rf"does not have); supported here: "):
+            module.set_cpu_isa(isa)
+    assert module.cpu_isa() == before, "a rejected request must leave the active copy as it was"
+
+
+_REPORT_ISA = """
+import torch, labelsmooth_ext
+x = torch.randn(64, 1000)
+loss = labelsmooth_ext.cross_entropy(x, torch.randint(0, 1000, (64,)), label_smoothing=0.1)
+print(labelsmooth_ext.backend_info()["cpu_isa"], float(loss))
+"""
+
+
+def _run_with_environment(value):
+    env = dict(os.environ, LABELSMOOTH_CPU_ISA=value, LABELSMOOTH_BACKEND="compiled",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", _REPORT_ISA], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_environment_variable_selects_the_isa():
+    skip_unless_compiled()
+    for isa in supported_isas():
+        result = _run_with_environment(isa)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split()[0] == isa
+    result = _run_with_environment("auto")
+    assert result.returncode == 0 and result.stdout.split()[0] == supported_isas()[0], result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("value", ["sse9", "avx512", "AVX2"])
+def test_environment_variable_with_a_bad_value_fails_clearly(value):
+    skip_unless_compiled()
+    if value in supported_isas():
+        pytest.skip(f"{value} runs here")
+    result = _run_with_environment(value)
+    assert result.returncode != 0, f"LABELSMOOTH_CPU_ISA={value} was accepted: {result.stdout}"
+    assert f"LABELSMOOTH_CPU_ISA={value}" in result.stderr and "ValueError" in result.stderr, result.stderr[-3000:]
