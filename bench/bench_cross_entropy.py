@@ -212,16 +212,17 @@ class FallbackLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, eps):
-        loss, lse = reference.ls_cross_entropy_forward(logits, target, None, IGNORE_INDEX, eps, REDUCTION_MEAN)
-        ctx.save_for_backward(logits, target, lse)
+        loss, lse, mass = reference.ls_cross_entropy_forward(logits, target, None, IGNORE_INDEX, eps, 0, None,
+                                                             REDUCTION_MEAN)
+        ctx.save_for_backward(logits, target, lse, mass)
         ctx.eps = eps
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, target, lse = ctx.saved_tensors
-        grad = reference.ls_cross_entropy_backward(grad_loss, logits, target, None, lse, IGNORE_INDEX, ctx.eps,
-                                                   REDUCTION_MEAN)
+        logits, target, lse, mass = ctx.saved_tensors
+        grad = reference.ls_cross_entropy_backward(grad_loss, None, logits, target, None, lse, mass, IGNORE_INDEX,
+                                                   ctx.eps, 0, None, REDUCTION_MEAN)
         return grad, None, None
 
 

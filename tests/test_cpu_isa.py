@@ -50,8 +50,9 @@ def test_each_isa_matches_float64_reference(isa, case, gen, restore_num_threads)
 def _op_results(inputs):
     logits, target, weight, ignore_index, reduction, eps, grad_output = inputs
     code = REDUCTION_CODES[reduction]
-    loss, lse = op_forward()(logits, target, weight, ignore_index, eps, code)
-    grad = op_backward()(grad_output.to(loss.dtype), logits, target, weight, lse, ignore_index, eps, code)
+    loss, lse, mass = op_forward()(logits, target, weight, ignore_index, eps, 0, None, code)
+    grad = op_backward()(grad_output.to(loss.dtype), None, logits, target, weight, lse, mass, ignore_index, eps, 0,
+                         None, code)
     return {"loss": loss, "lse": lse, "grad": grad}
 
 
