@@ -23,10 +23,11 @@ from . import _validation
 
 __all__ = ["CHUNK_LOGITS", "ls_cross_entropy_forward", "ls_cross_entropy_backward"]
 
-# 2^18 fp32 logits are 1 MiB per buffer: big enough to amortise the per-op overhead, small enough that the
-# few passes over a chunk run from cache rather than from memory, and that the one or two buffers of a
-# call stay below the N x K temporaries of eager cross_entropy even for small batches.
-CHUNK_LOGITS = 1 << 18
+# 2^20 fp32 logits are 4 MiB per buffer: big enough that the per-op overhead (and, with several threads, the
+# cost of every parallel region) is amortised, small enough that the few passes over a chunk run from the
+# last-level cache, and that the one or two buffers of a call stay below the N x K temporaries of eager
+# cross_entropy.
+CHUNK_LOGITS = 1 << 20
 
 # ATen sums a single long reduction (one output, over 32768 elements) in per-thread pieces grouped by
 # the thread count, but several outputs each serially. Such sums are therefore taken over blocks of
