@@ -44,7 +44,8 @@ inline double uniform_smoothing(double eps, int64_t convention, int64_t num_clas
 template <typename acc_t>
 LS_HOST_DEVICE acc_t softcap_derivative(acc_t capped, acc_t cap) {
   const acc_t t = capped / cap;
-  return acc_t(1) - t * t;
+  // (1 - t)(1 + t) rather than 1 - t^2: no cancellation where the tanh saturates (t near +-1).
+  return (acc_t(1) - t) * (acc_t(1) + t);
 }
 
 // A gradient reaching a row's lse (z-loss, a returned lse) flows on to the logits as grad_lse * p_j, since
