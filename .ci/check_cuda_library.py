@@ -34,7 +34,7 @@ def main(path, expected_archs=DEFAULT_ARCHS):
     g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
     x = torch.randn(64, 300, generator=g, dtype=torch.float64)
     t = torch.randint(0, 300, (64,), generator=g)
-    loss, _ = torch.ops.labelsmooth.ls_cross_entropy_forward(x, t, None, -100, 0.1, 1)
+    loss, _, _ = torch.ops.labelsmooth.ls_cross_entropy_forward(x, t, None, -100, 0.1, 0, None, 1)
     expected = F.cross_entropy(x, t, label_smoothing=0.1)
     assert torch.allclose(loss, expected, rtol=1e-12, atol=0), (loss, expected)
     print(f"{path}: CUDA and CPU kernels registered for both ops, archs {info['cuda_archs']}, CPU forward correct")

@@ -1,5 +1,7 @@
 """The CUDA kernels against float64 F.cross_entropy, against the CPU kernels, and under the ways the op
-is used on GPUs: autograd, opcheck, torch.compile, CUDA graphs, side streams, > 2^31 elements.
+is used on GPUs: autograd, opcheck, torch.compile, CUDA graphs, side streams, > 2^31 elements. The loss
+options the kernels implement (softcap, the 'others' convention, an upstream gradient of the lse, the saved
+target mass) run through the op on the emulated suite's matrix, checked as it checks the emulated kernels.
 
 Tolerances are those derived in conftest.py (loss_tolerance, grad_tolerance, lse_tolerance): the
 CUDA kernels accumulate in fp32 (fp64 for fp64 logits) like the CPU kernels, and their exp is
@@ -13,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +37,10 @@ from conftest import (
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 import labelsmooth_ext  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+import emulation  # noqa: E402
+from test_emulated_matrix import MATRIX  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REDUCTIONS = ("none", "mean", "sum")
@@ -189,6 +196,24 @@ def test_nonfinite_logits_follow_pytorch(gen):
         assert torch.equal(torch.isinf(loss.cpu()), torch.isinf(ref)), (loss, ref)
 
 
+@pytest.mark.parametrize("case", MATRIX, ids=emulation.Case.id)
+def test_options_on_every_row_mapping(case, gen):
+    """The emulated suite's cases (every row mapping x dtype x reduction, the options rotating through them)
+    through the CUDA op, with the emulated suite's float64 reference and bounds."""
+    inputs = emulation.make_inputs(case, gen)
+    x, target = inputs.logits.cuda(), inputs.target.cuda()
+    weight = None if inputs.weight is None else inputs.weight.cuda()
+    options = (inputs.ignore_index, case.eps, emulation.SMOOTHING_CODES[case.smoothing], case.softcap,
+               REDUCTION_CODES[case.reduction])
+    loss, lse, target_mass = forward_op()(x, target, weight, *options)
+    grad_lse = None if inputs.grad_lse is None else inputs.grad_lse.cuda()
+    grad = backward_op()(inputs.grad_output.cuda(), grad_lse, x, target, weight, lse, target_mass, *options)
+    probability = case.target != "index"
+    assert target_mass.shape == (lse.shape if probability else (0,))
+    result = emulation.Result(0, "", loss.cpu(), lse.cpu(), target_mass.cpu() if probability else None, grad.cpu())
+    emulation.check(case, inputs, result)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Against the CPU kernels
 
@@ -322,13 +347,17 @@ def opcheck_samples(gen):
     return samples
 
 
-def test_opcheck_forward_and_backward(gen):
+@pytest.mark.parametrize("smoothing,softcap,with_grad_lse", [(0, None, False), (1, 3.0, True), (0, 2.0, True)],
+                         ids=["plain", "others-softcap-grad_lse", "softcap-grad_lse"])
+def test_opcheck_forward_and_backward(smoothing, softcap, with_grad_lse, gen):
     for x, target, weight, ignore_index, eps, code in opcheck_samples(gen):
-        torch.library.opcheck(forward_op().default, (x, target, weight, ignore_index, eps, 0, None, code))
-        loss, lse, mass = forward_op()(x, target, weight, ignore_index, eps, 0, None, code)
+        convention = smoothing if not target.is_floating_point() else 0  # 'others' is for class indices
+        torch.library.opcheck(forward_op().default, (x, target, weight, ignore_index, eps, convention, softcap, code))
+        loss, lse, mass = forward_op()(x, target, weight, ignore_index, eps, convention, softcap, code)
         grad_loss = grad_output_like(loss.shape, gen).cuda()
-        torch.library.opcheck(backward_op().default, (grad_loss, None, x, target, weight, lse, mass, ignore_index, eps,
-                                                      0, None, code))
+        grad_lse = grad_output_like(lse.shape, gen).cuda() if with_grad_lse else None
+        torch.library.opcheck(backward_op().default, (grad_loss, grad_lse, x, target, weight, lse, mass, ignore_index,
+                                                      eps, convention, softcap, code))
 
 
 # ----------------------------------------------------------------------------------------------------

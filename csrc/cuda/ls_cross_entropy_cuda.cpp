@@ -72,16 +72,16 @@ void dispatch_target_type(const at::Tensor& target, F&& f) {
   }
 }
 
-cuda::Problem make_problem(const ProblemLayout& layout, int64_t ignore_index, double label_smoothing,
-                           int64_t reduction) {
+cuda::Problem make_problem(const ProblemLayout& layout, const LossOptions& options) {
   cuda::Problem problem;
   problem.outer = layout.outer;
   problem.classes = layout.classes;
   problem.inner = layout.inner;
   problem.outer_stride = layout.outer_stride;
-  problem.ignore_index = ignore_index;
-  problem.label_smoothing = label_smoothing;
-  problem.reduction = reduction;
+  problem.ignore_index = options.ignore_index;
+  problem.eps = options.eps;
+  problem.softcap = options.softcap;
+  problem.reduction = options.reduction;
   return problem;
 }
 
@@ -90,18 +90,20 @@ void check_launch(cudaError_t status, const char* op) {
               cudaGetErrorString(status));
 }
 
-std::tuple<at::Tensor, at::Tensor> ls_cross_entropy_forward_cuda(const at::Tensor& input, const at::Tensor& target,
-                                                                 const std::optional<at::Tensor>& weight,
-                                                                 int64_t ignore_index, double label_smoothing,
-                                                                 int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ls_cross_entropy_forward_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t smoothing, std::optional<double> softcap, int64_t reduction) {
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const PreparedInputs prepared =
-      prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing, reduction);
+  LossOptions options;
+  const PreparedInputs prepared = prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing,
+                                                         smoothing, softcap, reduction, &options);
   const ProblemLayout& layout = prepared.layout;
   const at::TensorOptions acc_options = prepared.input.options().dtype(accumulation_dtype(input.scalar_type()));
   at::Tensor lse = at::empty(layout.row_shape, acc_options);
   at::Tensor loss = reduction == kReductionNone ? at::empty(layout.row_shape, acc_options) : at::empty({}, acc_options);
-  const cuda::Problem problem = make_problem(layout, ignore_index, label_smoothing, reduction);
+  at::Tensor target_mass =
+      layout.probability_target ? at::empty(layout.row_shape, acc_options) : at::empty({0}, acc_options);
+  const cuda::Problem problem = make_problem(layout, options);
   at::Tensor scratch =
       at::empty({cuda::forward_scratch_elements(problem, prepared.input.element_size())}, acc_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -116,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor> ls_cross_entropy_forward_cuda(const at::Tenso
         using target_t = std::remove_pointer_t<decltype(target_tag)>;
         check_launch(cuda::launch_forward_probability<scalar_t, target_t>(
                          problem, logits, data_of<target_t>(prepared.target), class_weight,
-                         mutable_data_of<acc_t>(loss), mutable_data_of<acc_t>(lse), mutable_data_of<acc_t>(scratch),
-                         stream),
+                         mutable_data_of<acc_t>(loss), mutable_data_of<acc_t>(lse),
+                         mutable_data_of<acc_t>(target_mass), mutable_data_of<acc_t>(scratch), stream),
                      "ls_cross_entropy_forward");
       });
     } else {
@@ -128,21 +130,22 @@ std::tuple<at::Tensor, at::Tensor> ls_cross_entropy_forward_cuda(const at::Tenso
                    "ls_cross_entropy_forward");
     }
   });
-  return {loss, lse};
+  return {loss, lse, target_mass};
 }
 
-at::Tensor ls_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
-                                          const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                          const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
-                                          int64_t reduction) {
+at::Tensor ls_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                          const at::Tensor& input, const at::Tensor& target,
+                                          const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                          const at::Tensor& target_mass, int64_t ignore_index, double label_smoothing,
+                                          int64_t smoothing, std::optional<double> softcap, int64_t reduction) {
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const PreparedInputs prepared =
-      prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing, reduction);
-  const at::Tensor grad = prepare_backward_grad(grad_loss, lse, prepared, reduction);
-  const at::Tensor row_lse = lse.contiguous();
+  LossOptions options;
+  const PreparedInputs prepared = prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing,
+                                                         smoothing, softcap, reduction, &options);
+  const BackwardInputs saved = prepare_backward_inputs(grad_loss, grad_lse, lse, target_mass, prepared, reduction);
   const ProblemLayout& layout = prepared.layout;
   at::Tensor grad_input = at::empty(input.sizes(), input.options());  // contiguous
-  const cuda::Problem problem = make_problem(layout, ignore_index, label_smoothing, reduction);
+  const cuda::Problem problem = make_problem(layout, options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_logits_type(input.scalar_type(), [&](auto* logits_tag) {
@@ -150,20 +153,23 @@ at::Tensor ls_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at:
     using acc_t = cuda::acc_type<scalar_t>;
     const scalar_t* logits = data_of<scalar_t>(prepared.input);
     const acc_t* class_weight = optional_data_of<acc_t>(prepared.weight);
+    const acc_t* upstream_lse = optional_data_of<acc_t>(saved.grad_lse);
     if (layout.probability_target) {
       dispatch_target_type<scalar_t>(prepared.target, [&](auto* target_tag) {
         using target_t = std::remove_pointer_t<decltype(target_tag)>;
         check_launch(cuda::launch_backward_probability<scalar_t, target_t>(
-                         problem, data_of<acc_t>(grad), logits, data_of<target_t>(prepared.target), class_weight,
-                         data_of<acc_t>(row_lse), mutable_data_of<scalar_t>(grad_input), stream),
+                         problem, data_of<acc_t>(saved.grad_loss), upstream_lse, logits,
+                         data_of<target_t>(prepared.target), class_weight, data_of<acc_t>(saved.lse),
+                         data_of<acc_t>(saved.target_mass), mutable_data_of<scalar_t>(grad_input), stream),
                      "ls_cross_entropy_backward");
       });
     } else {
-      at::Tensor scratch = at::empty({cuda::backward_class_index_scratch_elements(problem)}, grad.options());
+      at::Tensor scratch =
+          at::empty({cuda::backward_class_index_scratch_elements(problem)}, saved.grad_loss.options());
       check_launch(cuda::launch_backward_class_index<scalar_t>(
-                       problem, data_of<acc_t>(grad), logits, data_of<int64_t>(prepared.target), class_weight,
-                       data_of<acc_t>(row_lse), mutable_data_of<scalar_t>(grad_input),
-                       mutable_data_of<acc_t>(scratch), stream),
+                       problem, data_of<acc_t>(saved.grad_loss), upstream_lse, logits,
+                       data_of<int64_t>(prepared.target), class_weight, data_of<acc_t>(saved.lse),
+                       mutable_data_of<scalar_t>(grad_input), mutable_data_of<acc_t>(scratch), stream),
                    "ls_cross_entropy_backward");
     }
   });

@@ -9,6 +9,9 @@
 //   * long rows:                         a 256-thread block per row;
 //   * inner > 1 ((N, C, d...) inputs):   32 rows (consecutive inner positions, so loads coalesce) x
 //                                        8 class slices per 256-thread block.
+// Options cost no pass of their own: softcap is applied to every logit as it is read (nothing capped is
+// stored), the upstream gradient of the lse folds into the per-row coefficient of p_j, and the forward
+// saves the per-row target mass of probability targets so that the backward reads the targets once.
 // Determinism: which thread reads which class, the order in which threads' partial results are
 // merged (fixed butterfly and fixed shared-memory order), and the per-block partials of mean/sum
 // (reduced by one block in a fixed order) depend only on the problem's shape and the row's alignment,
@@ -137,6 +140,24 @@ __device__ __forceinline__ float max_propagating_nan(float a, float b) {
 }
 __device__ __forceinline__ double max_propagating_nan(double a, double b) {
   return (a != a || b != b) ? a + b : fmax(a, b);
+}
+
+// Logit soft-capping (ls_row_math.h): z' = cap * tanh(z / cap), with the accurate tanh (the approximate
+// tanh.approx.f32 is off by up to 2^-11 relative, far beyond fp32 accumulation). cap == 0 leaves z as it is.
+__device__ __forceinline__ float softcapped(float z, float cap) { return cap * tanhf(z / cap); }
+__device__ __forceinline__ double softcapped(double z, double cap) { return cap * tanh(z / cap); }
+
+// The logits of a chunk as the loss reads them.
+template <typename acc_t, int N>
+__device__ __forceinline__ void read_logits(acc_t (&out)[N], const acc_t (&z)[N], acc_t cap) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = cap > acc_t(0) ? softcapped(z[j], cap) : z[j];
+}
+
+// dL/dz from dL/dz' and the capped logit z' (chain rule through the tanh).
+template <typename acc_t>
+__device__ __forceinline__ acc_t through_softcap(acc_t grad, acc_t capped, acc_t cap) {
+  return cap > acc_t(0) ? grad * softcap_derivative(capped, cap) : grad;
 }
 
 // Folds a chunk of logits into a running softmax state with one rescale per chunk.
@@ -405,7 +426,7 @@ __device__ __forceinline__ void for_each_chunk_strided_with_output(const T* z, T
 // ---------------------------------------------------------------------------------------------
 // The four ops. A forward op turns a row into RowStats (load_row, visit) and then into its loss
 // (finish, which also writes lse and the 'none' loss, and returns the loss); a backward op writes the row's gradient
-// (load_row, grad), after an optional per-row sum over the targets (row_sum).
+// (load_row, grad). visit() and grad() get the logits as stored and read them through the softcap.
 
 template <typename T>
 struct ForwardClassIndex {
@@ -417,7 +438,7 @@ struct ForwardClassIndex {
   acc_t* lse;
   acc_t* row_loss;  // null unless reduction is none
   int64_t classes, inner, outer_stride, ignore_index;
-  acc_t eps;
+  acc_t eps, softcap;
 
   struct Row {
     const T* z;
@@ -435,7 +456,9 @@ struct ForwardClassIndex {
 
   // a_c = w_c; only the smoothing term needs dot, so without smoothing the weights are not read.
   template <int N>
-  __device__ __forceinline__ void visit(RowStats<acc_t>& s, const Row& row, const acc_t (&z)[N], int64_t c) const {
+  __device__ __forceinline__ void visit(RowStats<acc_t>& s, const Row& row, const acc_t (&logits)[N], int64_t c) const {
+    acc_t z[N];
+    read_logits(z, logits, softcap);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       if (c + j == row.target) s.target_logit = z[j];
@@ -481,8 +504,9 @@ struct ForwardProbability {
   const acc_t* weight;
   acc_t* lse;
   acc_t* row_loss;
+  acc_t* target_mass;
   int64_t classes, inner, outer_stride;
-  acc_t eps;
+  acc_t eps, softcap;
 
   struct Row {
     const T* z;
@@ -500,7 +524,9 @@ struct ForwardProbability {
 
   // a_c = w_c t'_c
   template <int N>
-  __device__ __forceinline__ void visit(RowStats<acc_t>& s, const Row& row, const acc_t (&z)[N], int64_t c) const {
+  __device__ __forceinline__ void visit(RowStats<acc_t>& s, const Row& row, const acc_t (&logits)[N], int64_t c) const {
+    acc_t z[N];
+    read_logits(z, logits, softcap);
     set_pivot_if_first(s, z);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
@@ -516,6 +542,7 @@ struct ForwardProbability {
     const acc_t row_lse = softmax_state_lse(s.softmax);
     const acc_t loss = probability_row_loss(row_lse, s.mass, s.dot, s.pivot);
     lse[r] = row_lse;
+    target_mass[r] = s.mass;
     if (row_loss != nullptr) row_loss[r] = loss;
     return loss;
   }
@@ -524,8 +551,8 @@ struct ForwardProbability {
 template <typename T>
 struct BackwardClassIndex {
   using acc_t = acc_type<T>;
-  static constexpr bool kNeedsRowSum = false;
   const acc_t* grad_loss;
+  const acc_t* grad_lse;  // null: none
   const T* logits;
   const int64_t* target;
   const acc_t* weight;
@@ -534,7 +561,7 @@ struct BackwardClassIndex {
   const acc_t* lse;
   T* grad_input;
   int64_t classes, inner, outer_stride, ignore_index, reduction;
-  acc_t eps;
+  acc_t eps, softcap;
 
   struct Row {
     const T* z;
@@ -557,28 +584,28 @@ struct BackwardClassIndex {
       const acc_t g = upstream_gradient(reduction, grad_loss, r, reduction == kReductionMean ? *denominator : acc_t(1));
       const acc_t w_target = weight != nullptr ? weight[row.target] : acc_t(1);
       const acc_t total = weight != nullptr ? *weight_total : acc_t(classes);
-      row.coefs = class_index_grad_coefs(g, w_target, total, eps, classes);
+      const acc_t g_lse = grad_lse != nullptr ? grad_lse[r] : acc_t(0);
+      row.coefs = class_index_grad_coefs(g, g_lse, w_target, total, eps, classes);
       row.lse = lse[r];
     }
     return row;
   }
 
-  __device__ __forceinline__ acc_t row_sum(const Row&, int64_t) const { return acc_t(0); }
-  __device__ __forceinline__ void set_row_sum(Row&, acc_t) const {}
-
   template <int N>
-  __device__ __forceinline__ void grad(const Row& row, const acc_t (&z)[N], int64_t c, T (&out)[N]) const {
+  __device__ __forceinline__ void grad(const Row& row, const acc_t (&logits)[N], int64_t c, T (&out)[N]) const {
     if (!row.read) {
 #pragma unroll
       for (int j = 0; j < N; ++j) out[j] = from_acc<T>(acc_t(0));
       return;
     }
+    acc_t z[N];
+    read_logits(z, logits, softcap);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       // w_j only scales the smoothing term: without smoothing the weights are not read per element.
       const acc_t w = weight != nullptr && eps > acc_t(0) ? __ldg(weight + c + j) : acc_t(1);
       const acc_t g = class_index_grad(row.coefs, fast_exp(z[j] - row.lse), w, c + j == row.target);
-      out[j] = from_acc<T>(g);
+      out[j] = from_acc<T>(through_softcap(g, z[j], softcap));
     }
   }
 };
@@ -586,15 +613,16 @@ struct BackwardClassIndex {
 template <typename T, typename TT>
 struct BackwardProbability {
   using acc_t = acc_type<T>;
-  static constexpr bool kNeedsRowSum = true;
   const acc_t* grad_loss;
+  const acc_t* grad_lse;  // null: none
   const T* logits;
   const TT* target;
   const acc_t* weight;
   const acc_t* lse;
+  const acc_t* target_mass;
   T* grad_input;
   int64_t classes, inner, outer_stride, reduction;
-  acc_t eps;
+  acc_t eps, softcap;
   acc_t rows;
 
   struct Row {
@@ -604,6 +632,7 @@ struct BackwardProbability {
     bool read;
     acc_t lse;
     acc_t g;
+    acc_t g_lse;
     acc_t mass;
   };
 
@@ -615,7 +644,8 @@ struct BackwardProbability {
     row.read = true;
     row.lse = lse[r];
     row.g = upstream_gradient(reduction, grad_loss, r, rows);
-    row.mass = acc_t(0);
+    row.g_lse = grad_lse != nullptr ? grad_lse[r] : acc_t(0);
+    row.mass = target_mass[r];
     return row;
   }
 
@@ -624,16 +654,15 @@ struct BackwardProbability {
     return w * smoothed_probability(to_acc(row.t[c * inner]), eps, classes);
   }
 
-  // The mass sum_c w_c t'_c, which the forward does not save: one thread's share of it.
-  __device__ __forceinline__ acc_t row_sum(const Row& row, int64_t c) const { return weighted_target(row, c); }
-  __device__ __forceinline__ void set_row_sum(Row& row, acc_t mass) const { row.mass = mass; }
-
   template <int N>
-  __device__ __forceinline__ void grad(const Row& row, const acc_t (&z)[N], int64_t c, T (&out)[N]) const {
+  __device__ __forceinline__ void grad(const Row& row, const acc_t (&logits)[N], int64_t c, T (&out)[N]) const {
+    acc_t z[N];
+    read_logits(z, logits, softcap);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const acc_t p = fast_exp(z[j] - row.lse);
-      out[j] = from_acc<T>(probability_grad(row.g, row.mass, p, weighted_target(row, c + j)));
+      const acc_t g = probability_grad(row.g, row.g_lse, row.mass, p, weighted_target(row, c + j));
+      out[j] = from_acc<T>(through_softcap(g, z[j], softcap));
     }
   }
 };
@@ -747,23 +776,14 @@ __global__ void __launch_bounds__(kTileRows* kTileSlices, (kMinBlocks<kTileRows 
 
 template <typename Op, int kWidth>
 __global__ void __launch_bounds__(kGroupBlockThreads, (kMinBlocks<kGroupBlockThreads, typename Op::acc_t>)) backward_grouped_rows_kernel(const Op op, int64_t rows) {
-  using acc_t = typename Op::acc_t;
   constexpr int kGroups = kGroupBlockThreads / kWidth;
   const int group = threadIdx.x / kWidth;
   const int lane = threadIdx.x % kWidth;
 #pragma unroll 1
   for (int64_t first = int64_t(blockIdx.x) * kGroups; first < rows; first += int64_t(gridDim.x) * kGroups) {
     const int64_t r = first + group;
-    typename Op::Row row{};
-    if (r < rows) row = op.load_row(r, r, 0);
-    if constexpr (Op::kNeedsRowSum) {
-      acc_t partial = acc_t(0);
-      if (r < rows) {
-        for (int64_t c = lane; c < op.classes; c += kWidth) partial += op.row_sum(row, c);
-      }
-      op.set_row_sum(row, group_reduce<kWidth>(partial));
-    }
     if (r < rows) {
+      const typename Op::Row row = op.load_row(r, r, 0);
       for_each_chunk_with_output<kWidth>(row.z, row.out, op.classes, lane, row.read,
                                          [&](const auto& z, int64_t c, auto& out) { op.grad(row, z, c, out); });
     }
@@ -772,21 +792,9 @@ __global__ void __launch_bounds__(kGroupBlockThreads, (kMinBlocks<kGroupBlockThr
 
 template <typename Op>
 __global__ void __launch_bounds__(kRowBlockThreads, (kMinBlocks<kRowBlockThreads, typename Op::acc_t>)) backward_block_rows_kernel(const Op op, int64_t rows) {
-  using acc_t = typename Op::acc_t;
-  __shared__ acc_t warp_sums[kRowBlockThreads / kWarp];
-  __shared__ acc_t row_sum_total;
 #pragma unroll 1
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    typename Op::Row row = op.load_row(r, r, 0);
-    if constexpr (Op::kNeedsRowSum) {
-      acc_t partial = acc_t(0);
-      for (int64_t c = threadIdx.x; c < op.classes; c += kRowBlockThreads) partial += op.row_sum(row, c);
-      const acc_t total = block_sum<kRowBlockThreads>(partial, warp_sums);
-      if (threadIdx.x == 0) row_sum_total = total;
-      __syncthreads();
-      op.set_row_sum(row, row_sum_total);
-      __syncthreads();  // row_sum_total is rewritten by the next row
-    }
+    const typename Op::Row row = op.load_row(r, r, 0);
     for_each_chunk_with_output<kRowBlockThreads>(
         row.z, row.out, op.classes, threadIdx.x, row.read,
         [&](const auto& z, int64_t c, auto& out) { op.grad(row, z, c, out); });
@@ -796,8 +804,6 @@ __global__ void __launch_bounds__(kRowBlockThreads, (kMinBlocks<kRowBlockThreads
 template <typename Op>
 __global__ void __launch_bounds__(kTileRows* kTileSlices, (kMinBlocks<kTileRows * kTileSlices, typename Op::acc_t>))
     backward_inner_tiles_kernel(const Op op, int64_t outer, int64_t inner) {
-  using acc_t = typename Op::acc_t;
-  __shared__ acc_t slice_sums[kTileSlices][kTileRows];
   const int tx = threadIdx.x;
   const int slice = threadIdx.y;
   const int64_t tiles_per_outer = (inner + kTileRows - 1) / kTileRows;
@@ -806,21 +812,8 @@ __global__ void __launch_bounds__(kTileRows* kTileSlices, (kMinBlocks<kTileRows 
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t o = tile / tiles_per_outer;
     const int64_t i = (tile % tiles_per_outer) * kTileRows + tx;
-    typename Op::Row row{};
-    if (i < inner) row = op.load_row(o * inner + i, o, i);
-    if constexpr (Op::kNeedsRowSum) {
-      acc_t partial = acc_t(0);
-      if (i < inner) {
-        for (int64_t c = slice; c < op.classes; c += kTileSlices) partial += op.row_sum(row, c);
-      }
-      slice_sums[slice][tx] = partial;
-      __syncthreads();
-      acc_t total = slice_sums[0][tx];
-      for (int s = 1; s < kTileSlices; ++s) total += slice_sums[s][tx];
-      op.set_row_sum(row, total);
-      __syncthreads();  // slice_sums is rewritten by the next tile
-    }
     if (i < inner) {
+      const typename Op::Row row = op.load_row(o * inner + i, o, i);
       for_each_chunk_strided_with_output(row.z, row.out, inner, op.classes, slice, row.read,
                                          [&](const auto& z, int64_t c, auto& out) { op.grad(row, z, c, out); });
     }
@@ -1003,27 +996,37 @@ cudaError_t launch_forward_class_index(const Problem& p, const scalar_t* logits,
                                        p.inner,
                                        p.outer_stride,
                                        p.ignore_index,
-                                       static_cast<acc_t>(p.label_smoothing)};
+                                       static_cast<acc_t>(p.eps),
+                                       static_cast<acc_t>(p.softcap)};
   return launch_forward(op, p, sizeof(scalar_t), loss, scratch, p.reduction == kReductionMean, stream);
 }
 
 template <typename scalar_t, typename target_t>
 cudaError_t launch_forward_probability(const Problem& p, const scalar_t* logits, const target_t* target,
                                        const acc_type<scalar_t>* weight, acc_type<scalar_t>* loss,
-                                       acc_type<scalar_t>* lse, acc_type<scalar_t>* scratch, cudaStream_t stream) {
+                                       acc_type<scalar_t>* lse, acc_type<scalar_t>* target_mass,
+                                       acc_type<scalar_t>* scratch, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
-  const ForwardProbability<scalar_t, target_t> op{logits,    target,         weight,
-                                                  lse,       p.reduction == kReductionNone ? loss : nullptr,
-                                                  p.classes, p.inner,        p.outer_stride,
-                                                  static_cast<acc_t>(p.label_smoothing)};
+  const ForwardProbability<scalar_t, target_t> op{logits,
+                                                  target,
+                                                  weight,
+                                                  lse,
+                                                  p.reduction == kReductionNone ? loss : nullptr,
+                                                  target_mass,
+                                                  p.classes,
+                                                  p.inner,
+                                                  p.outer_stride,
+                                                  static_cast<acc_t>(p.eps),
+                                                  static_cast<acc_t>(p.softcap)};
   return launch_forward(op, p, sizeof(scalar_t), loss, scratch, false, stream);
 }
 
 template <typename scalar_t>
 cudaError_t launch_backward_class_index(const Problem& p, const acc_type<scalar_t>* grad_loss,
-                                        const scalar_t* logits, const int64_t* target,
-                                        const acc_type<scalar_t>* weight, const acc_type<scalar_t>* lse,
-                                        scalar_t* grad_input, acc_type<scalar_t>* scratch, cudaStream_t stream) {
+                                        const acc_type<scalar_t>* grad_lse, const scalar_t* logits,
+                                        const int64_t* target, const acc_type<scalar_t>* weight,
+                                        const acc_type<scalar_t>* lse, scalar_t* grad_input,
+                                        acc_type<scalar_t>* scratch, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   const bool mean = p.reduction == kReductionMean;
   acc_t* denominator_partials = mean ? scratch + kBackwardDenominatorPartialsOffset : nullptr;
@@ -1036,6 +1039,7 @@ cudaError_t launch_backward_class_index(const Problem& p, const acc_type<scalar_
     if (status != cudaSuccess) return status;
   }
   const BackwardClassIndex<scalar_t> op{grad_loss,
+                                        grad_lse,
                                         logits,
                                         target,
                                         weight,
@@ -1048,27 +1052,32 @@ cudaError_t launch_backward_class_index(const Problem& p, const acc_type<scalar_
                                         p.outer_stride,
                                         p.ignore_index,
                                         p.reduction,
-                                        static_cast<acc_t>(p.label_smoothing)};
+                                        static_cast<acc_t>(p.eps),
+                                        static_cast<acc_t>(p.softcap)};
   return launch_backward_rows(op, p, sizeof(scalar_t), stream);
 }
 
 template <typename scalar_t, typename target_t>
 cudaError_t launch_backward_probability(const Problem& p, const acc_type<scalar_t>* grad_loss,
-                                        const scalar_t* logits, const target_t* target,
-                                        const acc_type<scalar_t>* weight, const acc_type<scalar_t>* lse,
+                                        const acc_type<scalar_t>* grad_lse, const scalar_t* logits,
+                                        const target_t* target, const acc_type<scalar_t>* weight,
+                                        const acc_type<scalar_t>* lse, const acc_type<scalar_t>* target_mass,
                                         scalar_t* grad_input, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   const BackwardProbability<scalar_t, target_t> op{grad_loss,
+                                                   grad_lse,
                                                    logits,
                                                    target,
                                                    weight,
                                                    lse,
+                                                   target_mass,
                                                    grad_input,
                                                    p.classes,
                                                    p.inner,
                                                    p.outer_stride,
                                                    p.reduction,
-                                                   static_cast<acc_t>(p.label_smoothing),
+                                                   static_cast<acc_t>(p.eps),
+                                                   static_cast<acc_t>(p.softcap),
                                                    static_cast<acc_t>(p.outer * p.inner)};
   return launch_backward_rows(op, p, sizeof(scalar_t), stream);
 }
@@ -1077,17 +1086,18 @@ cudaError_t launch_backward_probability(const Problem& p, const acc_type<scalar_
   template cudaError_t launch_forward_class_index<T>(const Problem&, const T*, const int64_t*,                 \
                                                      const acc_type<T>*, acc_type<T>*, acc_type<T>*,           \
                                                      acc_type<T>*, cudaStream_t);                              \
-  template cudaError_t launch_backward_class_index<T>(const Problem&, const acc_type<T>*, const T*,            \
-                                                      const int64_t*, const acc_type<T>*, const acc_type<T>*, \
-                                                      T*, acc_type<T>*, cudaStream_t);
+  template cudaError_t launch_backward_class_index<T>(const Problem&, const acc_type<T>*, const acc_type<T>*, \
+                                                      const T*, const int64_t*, const acc_type<T>*,            \
+                                                      const acc_type<T>*, T*, acc_type<T>*, cudaStream_t);
 
-#define LS_INSTANTIATE_PROBABILITY(T, TT)                                                                   \
-  template cudaError_t launch_forward_probability<T, TT>(const Problem&, const T*, const TT*,               \
-                                                         const acc_type<T>*, acc_type<T>*, acc_type<T>*,    \
-                                                         acc_type<T>*, cudaStream_t);                       \
-  template cudaError_t launch_backward_probability<T, TT>(const Problem&, const acc_type<T>*, const T*,     \
-                                                          const TT*, const acc_type<T>*, const acc_type<T>*, \
-                                                          T*, cudaStream_t);
+#define LS_INSTANTIATE_PROBABILITY(T, TT)                                                                     \
+  template cudaError_t launch_forward_probability<T, TT>(const Problem&, const T*, const TT*,                 \
+                                                         const acc_type<T>*, acc_type<T>*, acc_type<T>*,      \
+                                                         acc_type<T>*, acc_type<T>*, cudaStream_t);           \
+  template cudaError_t launch_backward_probability<T, TT>(const Problem&, const acc_type<T>*,                 \
+                                                          const acc_type<T>*, const T*, const TT*,            \
+                                                          const acc_type<T>*, const acc_type<T>*,             \
+                                                          const acc_type<T>*, T*, cudaStream_t);
 
 LS_INSTANTIATE_CLASS_INDEX(float)
 LS_INSTANTIATE_CLASS_INDEX(double)

@@ -42,7 +42,8 @@ struct Problem {
   int64_t inner = 1;
   int64_t outer_stride = 1;  // elements between consecutive outer indices of the logits
   int64_t ignore_index = -100;
-  double label_smoothing = 0.0;
+  double eps = 0.0;      // label smoothing in PyTorch's convention (hosts convert 'others': uniform_smoothing)
+  double softcap = 0.0;  // 0: the logits as they are; c > 0: every logit z is read as c * tanh(z / c)
   int64_t reduction = 0;  // labelsmooth::Reduction (0 none, 1 mean, 2 sum)
 };
 
@@ -59,23 +60,29 @@ cudaError_t launch_forward_class_index(const Problem& problem, const scalar_t* l
                                        const acc_type<scalar_t>* weight, acc_type<scalar_t>* loss,
                                        acc_type<scalar_t>* lse, acc_type<scalar_t>* scratch, cudaStream_t stream);
 
-// target_t is the logits' type or the accumulation type.
+// target_t is the logits' type or the accumulation type. target_mass: rows values, each row's
+// sum_c w_c t'_c, which the backward reads instead of summing the targets again.
 template <typename scalar_t, typename target_t>
 cudaError_t launch_forward_probability(const Problem& problem, const scalar_t* logits, const target_t* target,
                                        const acc_type<scalar_t>* weight, acc_type<scalar_t>* loss,
-                                       acc_type<scalar_t>* lse, acc_type<scalar_t>* scratch, cudaStream_t stream);
+                                       acc_type<scalar_t>* lse, acc_type<scalar_t>* target_mass,
+                                       acc_type<scalar_t>* scratch, cudaStream_t stream);
 
-// grad_loss: rows values for reduction none, else one value. grad_input: contiguous, logits' shape.
+// grad_loss: rows values for reduction none, else one value. grad_lse: the upstream gradient of each
+// row's lse (rows values), or null for none. grad_input: contiguous, logits' shape.
 template <typename scalar_t>
 cudaError_t launch_backward_class_index(const Problem& problem, const acc_type<scalar_t>* grad_loss,
-                                        const scalar_t* logits, const int64_t* target,
-                                        const acc_type<scalar_t>* weight, const acc_type<scalar_t>* lse,
-                                        scalar_t* grad_input, acc_type<scalar_t>* scratch, cudaStream_t stream);
+                                        const acc_type<scalar_t>* grad_lse, const scalar_t* logits,
+                                        const int64_t* target, const acc_type<scalar_t>* weight,
+                                        const acc_type<scalar_t>* lse, scalar_t* grad_input,
+                                        acc_type<scalar_t>* scratch, cudaStream_t stream);
 
+// target_mass: the forward's.
 template <typename scalar_t, typename target_t>
 cudaError_t launch_backward_probability(const Problem& problem, const acc_type<scalar_t>* grad_loss,
-                                        const scalar_t* logits, const target_t* target,
-                                        const acc_type<scalar_t>* weight, const acc_type<scalar_t>* lse,
+                                        const acc_type<scalar_t>* grad_lse, const scalar_t* logits,
+                                        const target_t* target, const acc_type<scalar_t>* weight,
+                                        const acc_type<scalar_t>* lse, const acc_type<scalar_t>* target_mass,
                                         scalar_t* grad_input, cudaStream_t stream);
 
 }  // namespace cuda

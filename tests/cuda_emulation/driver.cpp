@@ -5,10 +5,12 @@
 //
 // Keys: dtype (f32 f64 f16 bf16), target (index | probability), target_dtype (logits | accumulation, for
 // probability targets), outer, classes, inner, outer_stride, offset (elements the logits start after a
-// 16-byte boundary), ignore_index, eps, reduction (0 none, 1 mean, 2 sum), weight (0/1), backward (0/1).
+// 16-byte boundary), ignore_index, eps, smoothing (0 uniform, 1 others: converted as the op does), softcap
+// (0 none), reduction (0 none, 1 mean, 2 sum), weight (0/1), grad_lse (0/1), backward (0/1).
 // Inputs in DIR: logits.bin (the logits' storage from their first element), target.bin (int64 class
-// indices or probabilities), weight.bin and grad_loss.bin (accumulation type). Outputs in DIR: loss.bin,
-// lse.bin, grad.bin and traffic.txt (per launch: "launch KERNEL", then "BUFFER READ WRITTEN" lines).
+// indices or probabilities), weight.bin, grad_loss.bin and grad_lse.bin (accumulation type). Outputs in
+// DIR: loss.bin, lse.bin, target_mass.bin (probability targets), grad.bin and traffic.txt (per launch:
+// "launch KERNEL", then "BUFFER READ WRITTEN" lines).
 // Every buffer is allocated exactly, with guard bytes around it that the emulator treats as out of bounds.
 #include <cstdio>
 #include <cstdlib>
@@ -20,6 +22,7 @@
 
 #include "cuda/ls_cross_entropy_kernels.cuh"
 #include "emulator.h"
+#include "kernels/ls_row_math.h"
 
 namespace {
 
@@ -104,8 +107,11 @@ void run_problem(const Problem& p, bool probability, bool target_in_logits_type)
   const Buffer target("target", read_file("target.bin"));
   const Buffer weight("weight", int_arg("weight") != 0 ? read_file("weight.bin") : std::vector<char>());
   const Buffer grad_loss("grad_loss", backward ? read_file("grad_loss.bin") : std::vector<char>());
+  const Buffer grad_lse("grad_lse", backward && int_arg("grad_lse") != 0 ? read_file("grad_lse.bin")
+                                                                          : std::vector<char>());
   const Buffer loss("loss", sizeof(acc_t) * (reduce ? 1 : rows));
   const Buffer lse("lse", sizeof(acc_t) * rows);
+  const Buffer target_mass("target_mass", probability ? sizeof(acc_t) * rows : 0);
   const T* z = logits.as<T>();
   const acc_t* w = weight.as<acc_t>();
 
@@ -115,6 +121,7 @@ void run_problem(const Problem& p, bool probability, bool target_in_logits_type)
       using target_t = std::remove_pointer_t<decltype(target_type)>;
       check(labelsmooth::cuda::launch_forward_probability<T, target_t>(p, z, target.as<target_t>(), w,
                                                                          loss.as<acc_t>(), lse.as<acc_t>(),
+                                                                         target_mass.as<acc_t>(),
                                                                          scratch.as<acc_t>(), nullptr),
             "forward");
     };
@@ -127,6 +134,7 @@ void run_problem(const Problem& p, bool probability, bool target_in_logits_type)
   }
   write_file("loss.bin", loss.data, loss.bytes);
   write_file("lse.bin", lse.data, lse.bytes);
+  write_file("target_mass.bin", target_mass.data, target_mass.bytes);
   if (!backward) return;
 
   const Buffer grad("grad", sizeof(T) * p.outer * p.classes * p.inner);
@@ -134,15 +142,16 @@ void run_problem(const Problem& p, bool probability, bool target_in_logits_type)
     const auto run = [&](auto* target_type) {
       using target_t = std::remove_pointer_t<decltype(target_type)>;
       check(labelsmooth::cuda::launch_backward_probability<T, target_t>(
-                p, grad_loss.as<acc_t>(), z, target.as<target_t>(), w, lse.as<acc_t>(), grad.as<T>(), nullptr),
+                p, grad_loss.as<acc_t>(), grad_lse.as<acc_t>(), z, target.as<target_t>(), w, lse.as<acc_t>(),
+                target_mass.as<acc_t>(), grad.as<T>(), nullptr),
             "backward");
     };
     target_in_logits_type ? run(static_cast<T*>(nullptr)) : run(static_cast<acc_t*>(nullptr));
   } else {
     const Buffer scratch("scratch", sizeof(acc_t) * labelsmooth::cuda::backward_class_index_scratch_elements(p));
-    check(labelsmooth::cuda::launch_backward_class_index<T>(p, grad_loss.as<acc_t>(), z, target.as<int64_t>(), w,
-                                                            lse.as<acc_t>(), grad.as<T>(), scratch.as<acc_t>(),
-                                                            nullptr),
+    check(labelsmooth::cuda::launch_backward_class_index<T>(p, grad_loss.as<acc_t>(), grad_lse.as<acc_t>(), z,
+                                                            target.as<int64_t>(), w, lse.as<acc_t>(), grad.as<T>(),
+                                                            scratch.as<acc_t>(), nullptr),
           "backward");
   }
   write_file("grad.bin", grad.data, grad.bytes);
@@ -181,7 +190,8 @@ int main(int argc, char** argv) {
   p.inner = int_arg("inner");
   p.outer_stride = int_arg("outer_stride");
   p.ignore_index = int_arg("ignore_index");
-  p.label_smoothing = std::strtod(args["eps"].c_str(), nullptr);
+  p.eps = labelsmooth::uniform_smoothing(std::strtod(args["eps"].c_str(), nullptr), int_arg("smoothing"), p.classes);
+  p.softcap = std::strtod(args["softcap"].c_str(), nullptr);
   p.reduction = int_arg("reduction");
   const bool probability = args["target"] == "probability";
   const bool target_in_logits_type = args["target_dtype"] == "logits";

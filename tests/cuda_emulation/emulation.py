@@ -1,5 +1,6 @@
 """Building and running the emulated CUDA kernels (see cuda_emulation.h), and checking one case against
-float64 F.cross_entropy with the tolerances of tests/conftest.py.
+float64 F.cross_entropy (of the soft-capped logits when softcap is on, with the upstream gradient of the lse
+through autograd of logsumexp) with the tolerances of tests/conftest.py.
 
 The host driver (driver.cpp) is built from csrc/cuda/ls_cross_entropy_kernels.cu by g++ in three
 flavours, each cached under the temp dir by a hash of its sources and flags:
@@ -21,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from conftest import (
     REDUCTION_CODES,
+    _gamma,
     accumulation_dtype,
     assert_within,
     class_weight,
@@ -33,8 +36,10 @@ from conftest import (
     lse_tolerance,
     probability_target,
     randn,
-    reference_loss_and_grads,
+    smoothed_coefficients,
+    unit_roundoff,
 )
+from labelsmooth_ext.reference import uniform_smoothing
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -62,6 +67,7 @@ FLAVOURS = {
 # The grid cap of the kernels (LS_MAX_GRID_BLOCKS) small enough that small problems run the grid-stride loops.
 SMALL_GRID_DEFINES = ("LS_MAX_GRID_BLOCKS=2",)
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+SMOOTHING_CODES = {"uniform": 0, "others": 1}  # the op's int smoothing argument
 
 
 def _emulation_headers() -> list[Path]:
@@ -150,10 +156,20 @@ class Case:
     eps: float = 0.1
     reduction: str = "mean"
     backward: bool = True
+    smoothing: str = "uniform"  # uniform | others (class indices)
+    softcap: float | None = None
+    grad_lse: bool = False  # the backward also gets an upstream gradient of the lse
 
     def id(self) -> str:
+        options = "".join([f"-{self.smoothing}" if self.smoothing != "uniform" else "",
+                           f"-cap{self.softcap}" if self.softcap is not None else "",
+                           "-glse" if self.grad_lse else ""])
         return (f"{DTYPES[self.dtype]}-{self.outer}x{self.classes}x{self.inner}-pad{self.row_pad}-off{self.offset}-"
-                f"{self.target}-w{int(self.weight)}-ign_{self.ignore}-eps{self.eps}-{self.reduction}")
+                f"{self.target}-w{int(self.weight)}-ign_{self.ignore}-eps{self.eps}-{self.reduction}{options}")
+
+    def uniform_eps(self) -> float:
+        """The eps of PyTorch's convention the kernels get (the host converts 'others')."""
+        return uniform_smoothing(self.eps, SMOOTHING_CODES[self.smoothing], self.classes)
 
 
 @dataclasses.dataclass
@@ -163,6 +179,7 @@ class Inputs:
     weight: torch.Tensor | None
     ignore_index: int
     grad_output: torch.Tensor
+    grad_lse: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -171,6 +188,7 @@ class Result:
     stderr: str
     loss: torch.Tensor | None = None
     lse: torch.Tensor | None = None
+    target_mass: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     traffic: list[tuple[str, dict[str, tuple[int, int]]]] = dataclasses.field(default_factory=list)
 
@@ -200,8 +218,10 @@ def make_inputs(case: Case, gen: torch.Generator) -> Inputs:
         normalized = bool(torch.rand((), generator=gen) < 0.5)
         target = probability_target(shape, 1, gen, target_dtype, normalized)
     weight = class_weight(case.classes, gen, accumulation_dtype(case.dtype)) if case.weight else None
+    acc = accumulation_dtype(case.dtype)
     grad_output = grad_output_like(row_shape if case.reduction == "none" else (), gen)
-    return Inputs(logits, target, weight, ignore_index, grad_output.to(accumulation_dtype(case.dtype)))
+    grad_lse = grad_output_like(row_shape, gen).to(acc) if case.grad_lse else None
+    return Inputs(logits, target, weight, ignore_index, grad_output.to(acc), grad_lse)
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -241,13 +261,16 @@ def run(driver: Path, case: Case, inputs: Inputs, seed: int = 1, env: dict | Non
         if inputs.weight is not None:
             (d / "weight.bin").write_bytes(_bytes(inputs.weight.to(acc)))
         (d / "grad_loss.bin").write_bytes(_bytes(inputs.grad_output.to(acc)))
+        if inputs.grad_lse is not None:
+            (d / "grad_lse.bin").write_bytes(_bytes(inputs.grad_lse.to(acc)))
         args = {
             "dtype": DTYPES[case.dtype], "target": "index" if case.target == "index" else "probability",
             "target_dtype": "logits" if case.target == "probability" else "accumulation",
             "outer": case.outer, "classes": case.classes, "inner": case.inner, "outer_stride": stride,
             "offset": case.offset, "ignore_index": inputs.ignore_index, "eps": repr(case.eps),
+            "smoothing": SMOOTHING_CODES[case.smoothing], "softcap": repr(case.softcap or 0.0),
             "reduction": REDUCTION_CODES[case.reduction], "weight": int(inputs.weight is not None),
-            "backward": int(case.backward),
+            "grad_lse": int(inputs.grad_lse is not None), "backward": int(case.backward),
         }
         command = [str(driver), tmp, *(f"{k}={v}" for k, v in args.items())]
         run_env = {**os.environ, "LS_EMULATION_SEED": str(seed), **(env or {})}
@@ -261,31 +284,76 @@ def run(driver: Path, case: Case, inputs: Inputs, seed: int = 1, env: dict | Non
         row_shape = [case.outer] + ([case.inner] if case.inner > 1 else [])
         result.loss = _read(d / "loss.bin", acc, row_shape if case.reduction == "none" else ())
         result.lse = _read(d / "lse.bin", acc, row_shape)
+        if case.target != "index":
+            result.target_mass = _read(d / "target_mass.bin", acc, row_shape)
         if case.backward:
             result.grad = _read(d / "grad.bin", case.dtype, tuple(inputs.logits.shape))
         result.traffic = _parse_traffic((d / "traffic.txt").read_text())
         return result
 
 
+def softcapped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def lse_gradient_tolerance(capped: torch.Tensor, grad_lse: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
+    """Bound on the error that grad_lse_r * p_j adds to the gradient, by conftest's derivation: p_j carries the
+    lse's error and the roundings of z_j - lse and of exp; the product and its sum with the rest a few more;
+    then the rounding to the input dtype. Ignored rows get no gradient at all."""
+    z = capped.to(torch.float64)
+    u = unit_roundoff(accumulation_dtype(capped.dtype))
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    p = torch.exp(z - lse)
+    p_error = p * (lse_tolerance(capped).unsqueeze(1) + u * (40.0 + (z - lse).abs()))
+    h = torch.where(ignored, torch.zeros_like(grad_lse), grad_lse).to(torch.float64).abs().unsqueeze(1)
+    return h * p_error * (1.0 + unit_roundoff(capped.dtype))
+
+
 def check(case: Case, inputs: Inputs, result: Result) -> None:
-    """Loss, lse and gradient of `result` against float64 F.cross_entropy, within conftest's bounds."""
+    """Loss, lse, target mass and gradient of `result` against float64 F.cross_entropy of the logits as the
+    loss reads them (soft-capped), with the uniform-equivalent eps, within conftest's bounds."""
     assert result.returncode == 0, f"emulated kernels failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
-    logits, target, weight = inputs.logits, inputs.target, inputs.weight
-    reduction = case.reduction
-    ref_loss, ref_grad, _ = reference_loss_and_grads(logits, target, weight, inputs.ignore_index, reduction,
-                                                      case.eps, inputs.grad_output)
-    tol = loss_tolerance(logits, target, weight, inputs.ignore_index, reduction, case.eps)
-    assert_within(result.loss, ref_loss, tol, "loss")
-    ref_lse = torch.logsumexp(logits.to(torch.float64), dim=1)
+    logits, target, weight, ignore_index = inputs.logits, inputs.target, inputs.weight, inputs.ignore_index
+    reduction, eps = case.reduction, case.uniform_eps()
+    x = logits.to(torch.float64).requires_grad_()
+    z = softcapped(x, case.softcap)
+    ref_loss = F.cross_entropy(z, target.to(torch.float64) if target.is_floating_point() else target,
+                               None if weight is None else weight.to(torch.float64), ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=eps)
+    ref_lse = torch.logsumexp(z, dim=1)
+    ignored = torch.zeros(ref_lse.shape, dtype=torch.bool)
     if case.target == "index":
-        ignored = target == inputs.ignore_index
+        ignored = target == ignore_index
         assert bool((result.lse[ignored] == 0).all()), "lse of ignored rows must be 0"
         ref_lse = torch.where(ignored, torch.zeros_like(ref_lse), ref_lse)
-    assert_within(result.lse, ref_lse, lse_tolerance(logits), "lse")
-    if case.backward:
-        tol = grad_tolerance(logits, target, weight, inputs.ignore_index, reduction, case.eps, inputs.grad_output,
-                             ref_grad)
-        assert_within(result.grad, ref_grad, tol, "grad_input")
+    # conftest's bounds on the logits the loss reads; the kernels' tanh adds a few ulp per logit, inside
+    # the derivation's per-element slack.
+    capped = softcapped(logits.to(torch.float64), case.softcap).to(logits.dtype)
+    tol = loss_tolerance(capped, target, weight, ignore_index, reduction, eps)
+    assert_within(result.loss, ref_loss.detach(), tol, "loss")
+    assert_within(result.lse, ref_lse.detach(), lse_tolerance(capped), "lse")
+    if case.target != "index":
+        ref_mass = smoothed_coefficients(capped, target, weight, ignore_index, eps).sum(dim=1)
+        mass_tol = _gamma(case.classes, accumulation_dtype(case.dtype)) * ref_mass
+        assert_within(result.target_mass, ref_mass, mass_tol, "target_mass")
+    if not case.backward:
+        return
+    outputs, upstream = [ref_loss], [inputs.grad_output.to(torch.float64)]
+    if inputs.grad_lse is not None:
+        outputs.append(ref_lse)
+        upstream.append(inputs.grad_lse.to(torch.float64))
+    (ref_grad,) = torch.autograd.grad(outputs, x, upstream)
+    tol = grad_tolerance(capped, target, weight, ignore_index, reduction, eps, inputs.grad_output, ref_grad)
+    if inputs.grad_lse is not None:
+        tol = tol + lse_gradient_tolerance(capped, inputs.grad_lse, ignored)
+    if case.softcap is not None:
+        # The derivative 1 - (z'/c)^2, from z' rounded a few times, is off by at most 8 u in absolute terms,
+        # which scales the gradient with respect to z' (the reference's, divided by the derivative).
+        derivative = 1.0 - torch.tanh(logits.to(torch.float64) / case.softcap) ** 2
+        u = unit_roundoff(accumulation_dtype(case.dtype))
+        tol = tol + 8.0 * u * ref_grad.abs() / derivative.clamp_min(torch.finfo(torch.float64).tiny) * (
+            1.0 + unit_roundoff(case.dtype))
+    assert_within(result.grad, ref_grad, tol, "grad_input")
 
 
 def run_and_check(driver: Path, case: Case, gen: torch.Generator, seed: int = 1) -> Result:

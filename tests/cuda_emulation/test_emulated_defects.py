@@ -43,6 +43,20 @@ DEFECTS = {
          "    if (y == ignore_index) continue;\n"),
         ("    partial += weight != nullptr ? weight[y] : acc_t(1);\n", "")],
         "counted", [Case(outer=20, classes=9, weight=True, ignore="some", reduction="mean")]),
+    # The chain rule through the softcap's tanh left out of the backward.
+    "softcap_derivative_dropped": ([(
+        "  return cap > acc_t(0) ? grad * softcap_derivative(capped, cap) : grad;",
+        "  return grad;")],
+        "counted", [Case(outer=37, classes=13, softcap=2.5, reduction="mean")]),
+    # The upstream gradient of the lse ignored by the probability-target backward.
+    "grad_lse_dropped": ([(
+        "    row.g_lse = grad_lse != nullptr ? grad_lse[r] : acc_t(0);",
+        "    row.g_lse = acc_t(0);")],
+        "counted", [Case(outer=9, classes=300, target="probability", grad_lse=True, reduction="sum")]),
+    # The forward saves a wrong target mass (that of unweighted, normalized targets), which the backward trusts.
+    "target_mass_not_saved": ([("    target_mass[r] = s.mass;", "    target_mass[r] = acc_t(1);")],
+                              "counted", [Case(outer=9, classes=40, target="probability", weight=True,
+                                               reduction="none")]),
     # bf16 outputs rounded toward zero instead of to nearest even.
     "bf16_store_truncates": ([("    return __float2bfloat16_rn(x);", "    return __float2bfloat16_rz(x);")],
                              "counted", [Case(dtype=torch.bfloat16, outer=7, classes=1500, eps=0.1, reduction="sum")]),

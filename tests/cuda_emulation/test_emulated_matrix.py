@@ -2,11 +2,13 @@
 
 Coverage. Every row mapping (short rows, warp rows, block rows, (N, C, d...) tiles) x every dtype x
 every reduction is one case each (48); the other factors (target kind, class weights, ignore_index,
-label smoothing, misaligned rows) rotate through their values with periods that are coprime to the
-first three factors' and to each other, so each value meets every mapping and every dtype (ignore_index
-kinds cycle over the class-index cases). Then
-targeted cases: K = 1 and K = 128256, rows that fill no block exactly, every ignore_index kind, the
-grid-stride loops (the AddressSanitizer build caps the grid at two blocks), the out-of-range target.
+label smoothing, misaligned rows, and the loss options the kernels see: softcap, an upstream gradient of
+the lse) rotate through their values with periods that are coprime to the first three factors' and to
+each other, so each value meets every mapping and every dtype (ignore_index kinds cycle over the
+class-index cases, the 'others' smoothing convention over those with 0 < eps < 1), and each target kind
+meets every combination of the options. Then targeted cases: K = 1, 2 and 128256, rows that fill no block
+exactly, every ignore_index kind, the grid-stride loops (the AddressSanitizer build caps the grid at two
+blocks), the out-of-range target.
 The data is fresh on every run (conftest's per-test generators); the emulator's interleaving seed
 comes from the same generator.
 """
@@ -34,6 +36,9 @@ EPSILONS = (0.0, 0.1, 1.0, 0.1, 0.1, 0.0, 0.1, 0.1, 1.0, 0.1, 0.1, 0.0, 0.1)  # 
 # (row_pad, offset) in elements: aligned, odd row stride, first row one element past a 16-byte boundary, both
 MISALIGNMENT_KINDS = ((0, 0), (1, 0), (0, 1), (3, 1))
 MISALIGNMENTS = tuple(MISALIGNMENT_KINDS[k % 4] for k in range(17))  # period 17
+# Caps around the logits' scale (1 to 4 standard deviations), so that some logits are deep in the tanh's tails.
+SOFTCAPS = (None, 2.5, None, 1.5, 4.0, None, 2.5, 1.5, None, 4.0, None)  # period 11
+GRAD_LSES = tuple(k % 3 != 1 for k in range(19))  # period 19
 
 
 def mapping_shape(mapping: str, dtype: torch.dtype, rng: random.Random) -> tuple[int, int, int]:
@@ -52,17 +57,23 @@ def mapping_shape(mapping: str, dtype: torch.dtype, rng: random.Random) -> tuple
 def matrix_cases() -> list[Case]:
     rng = random.Random(12)
     cases = []
-    index_cases = 0
+    index_cases = smoothed_index_cases = 0
     for i, (mapping, dtype, reduction) in enumerate(itertools.product(MAPPINGS, DTYPES, REDUCTIONS)):
         outer, classes, inner = mapping_shape(mapping, dtype, rng)
         target = TARGETS[i % len(TARGETS)]
+        eps = EPSILONS[i % len(EPSILONS)]
         row_pad, offset = MISALIGNMENTS[i % len(MISALIGNMENTS)]
         ignore = IGNORES[index_cases % len(IGNORES)] if target == "index" else "none"
         index_cases += target == "index"
+        # 'others' with eps = 1 would be eps * K / (K - 1) > 1 in PyTorch's convention, which F.cross_entropy refuses.
+        smoothing = "uniform"
+        if target == "index" and 0 < eps < 1:
+            smoothing = "others" if smoothed_index_cases % 2 == 0 else "uniform"
+            smoothed_index_cases += 1
         cases.append(Case(dtype=dtype, outer=outer, classes=classes, inner=inner, row_pad=row_pad, offset=offset,
-                          target=target, weight=WEIGHTS[i % len(WEIGHTS)],
-                          ignore=ignore,
-                          eps=EPSILONS[i % len(EPSILONS)], reduction=reduction))
+                          target=target, weight=WEIGHTS[i % len(WEIGHTS)], ignore=ignore, eps=eps,
+                          reduction=reduction, smoothing=smoothing, softcap=SOFTCAPS[i % len(SOFTCAPS)],
+                          grad_lse=GRAD_LSES[i % len(GRAD_LSES)]))
     return cases
 
 
@@ -80,7 +91,7 @@ def test_matrix_covers_every_value_with_every_mapping_and_dtype():
     cells = {(mapping_of(c), c.dtype, c.reduction) for c in MATRIX}
     assert cells == set(itertools.product(MAPPINGS, DTYPES, REDUCTIONS))
     for name, values in (("target", TARGETS), ("weight", WEIGHTS), ("eps", EPSILONS),
-                         ("misalignment", MISALIGNMENTS)):
+                         ("misalignment", MISALIGNMENTS), ("softcap", SOFTCAPS), ("grad_lse", GRAD_LSES)):
         for first, first_values in (("mapping", MAPPINGS), ("dtype", DTYPES)):
             seen = {(mapping_of(c) if first == "mapping" else c.dtype,
                      (c.row_pad, c.offset) if name == "misalignment" else getattr(c, name)) for c in MATRIX}
@@ -88,6 +99,11 @@ def test_matrix_covers_every_value_with_every_mapping_and_dtype():
             assert not missing, f"{first} x {name} pairs never run: {missing}"
     index_cases = [c for c in MATRIX if c.target == "index"]
     assert {(mapping_of(c), c.ignore) for c in index_cases} == set(itertools.product(MAPPINGS, set(IGNORES)))
+    others = [c for c in MATRIX if c.smoothing == "others"]
+    assert {mapping_of(c) for c in others} == set(MAPPINGS) and {c.dtype for c in others} == set(DTYPES)
+    for target in set(TARGETS):
+        combinations = {(c.softcap is not None, c.grad_lse) for c in MATRIX if c.target == target}
+        assert combinations == set(itertools.product((False, True), (False, True))), (target, combinations)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +130,9 @@ TARGETED = [
     Case(dtype=torch.float16, outer=5, classes=1, weight=True, eps=1.0, reduction="mean"),
     Case(dtype=torch.bfloat16, outer=2, classes=128256, weight=True, eps=0.1, reduction="mean"),
     Case(dtype=torch.float32, outer=1, classes=128256, offset=1, eps=0.0, reduction="sum"),
+    Case(dtype=torch.bfloat16, outer=2, classes=128256, target="probability", softcap=30.0, grad_lse=True,
+         reduction="mean"),
+    Case(dtype=torch.float32, outer=6, classes=2, smoothing="others", eps=0.3, grad_lse=True, reduction="sum"),
     Case(dtype=torch.float32, outer=65, classes=7, ignore="some", reduction="mean"),
     Case(dtype=torch.float32, outer=33, classes=3, inner=1, ignore="all", reduction="mean"),
     Case(dtype=torch.float32, outer=2, classes=5, inner=33, ignore="all", weight=True, reduction="mean"),
@@ -130,8 +149,10 @@ def test_targeted(case, counted_driver, gen):
 # blocks, so every kernel loops over its rows (and the partial sums of mean/sum come from a capped grid).
 GRID_STRIDE = [
     Case(dtype=torch.float32, outer=131, classes=20, target="index", ignore="some", weight=True, reduction="mean"),
-    Case(dtype=torch.bfloat16, outer=11, classes=700, target="probability", reduction="sum", offset=1),
-    Case(dtype=torch.float16, outer=5, classes=9000, target="index", eps=0.1, reduction="mean", row_pad=3),
+    Case(dtype=torch.bfloat16, outer=11, classes=700, target="probability", reduction="sum", offset=1, softcap=2.0,
+         grad_lse=True),
+    Case(dtype=torch.float16, outer=5, classes=9000, target="index", eps=0.1, reduction="mean", row_pad=3,
+         smoothing="others", softcap=3.0),
     Case(dtype=torch.float64, outer=3, classes=6, inner=70, target="probability_acc", weight=True, reduction="mean"),
     Case(dtype=torch.float32, outer=2, classes=9, inner=80, target="index", ignore="class", reduction="none"),
 ]
@@ -164,8 +185,9 @@ def test_out_of_range_target_asserts_and_reads_nothing_out_of_bounds(flavour, we
 RACE_CASES = [
     Case(dtype=torch.float32, outer=37, classes=20, target="index", weight=True, ignore="some", reduction="mean"),
     Case(dtype=torch.bfloat16, outer=5, classes=700, target="probability", reduction="sum"),
-    Case(dtype=torch.float32, outer=2, classes=3000, target="probability_acc", weight=True, reduction="mean"),
-    Case(dtype=torch.float16, outer=2, classes=7, inner=40, target="index", eps=0.1, reduction="none"),
+    Case(dtype=torch.float32, outer=2, classes=3000, target="probability_acc", weight=True, reduction="mean",
+         softcap=2.0, grad_lse=True),
+    Case(dtype=torch.float16, outer=2, classes=7, inner=40, target="index", eps=0.1, reduction="none", grad_lse=True),
 ]
 
 

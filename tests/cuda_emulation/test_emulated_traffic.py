@@ -5,7 +5,10 @@ build instruments the kernel file; see emulation.py). A GPU serves a warp's load
 one transaction, so a per-row scalar (target, lse, upstream gradient, scratch) read once by each thread
 that works on the row costs O(rows), not O(elements); the floor allows that and nothing more:
   * forward: each logit of a row that is not ignored is read exactly once; probability targets once;
-  * backward: the same logits read exactly once, each gradient element written exactly once;
+  * backward: the same logits read exactly once, each gradient element written exactly once; probability
+    targets once (the forward saves each row's target mass, which the backward reads per row);
+  * the options add no reads per element: softcap is applied to each logit as it is read, and the upstream
+    gradient of the lse and the target mass are per-row values;
   * per-row buffers: at most one element per thread working on the row (4 threads for short rows, a warp
     for warp rows, a block for block rows, 8 class slices for tiles); scratch: at most two;
   * class weights: the smoothing term needs w_c next to every logit, so with label smoothing (and with
@@ -14,9 +17,7 @@ that works on the row costs O(rows), not O(elements); the floor allows that and 
     Without smoothing the class-index kernels read only w[y] per row. The bound is exact: once per row.
   * the small kernels (target check, weight total, final reduction) read O(rows + classes) and never
     touch the logits or the gradient.
-The probability-target backward still reads its targets (and weights) twice: once for the per-row target
-mass, once for the gradient. Saving the mass in the forward needs a change of the op's schema, so that
-case is an expected failure until then.
+Each bound holds with and without the options.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def check_forward(case, f, buffers):
     if case.weight:
         assert weight_floor <= read(buffers, "weight") <= weight_bound, f"weight reads {buffers}"
     assert written(buffers, "lse") == f["rows"] * f["acc"] and read(buffers, "lse") == 0
+    mass_bytes = 0 if case.target == "index" else f["rows"] * f["acc"]
+    assert written(buffers, "target_mass") == mass_bytes and read(buffers, "target_mass") == 0, buffers
     loss_bytes = f["rows"] * f["acc"] if case.reduction == "none" else 0
     assert written(buffers, "loss") == loss_bytes and read(buffers, "loss") == 0
 
@@ -100,8 +103,9 @@ def check_backward(case, f, buffers):
     assert read(buffers, "logits") == f["valid"] * f["K"] * f["elem"], f"backward logits reads {buffers}"
     assert written(buffers, "grad") == f["rows"] * f["K"] * f["elem"], f"gradient writes {buffers}"
     assert read(buffers, "grad") == 0 and written(buffers, "logits") == 0
-    for name in ("lse", "grad_loss"):
+    for name in ("lse", "grad_loss", "grad_lse", "target_mass"):
         assert read(buffers, name) <= f["per_row"] * f["acc"], f"{name} reads {buffers}"
+    assert written(buffers, "target_mass") == 0, buffers
     assert read(buffers, "scratch") <= 2 * f["per_row"] * f["acc"], f"scratch reads {buffers}"
     if case.target == "index":
         assert read(buffers, "target") <= f["per_row"] * 8, buffers
@@ -130,6 +134,13 @@ INDEX_VARIANTS = {
     "plain": dict(ignore="some", eps=0.1, reduction="none"),
     "weights": dict(ignore="some", weight=True, eps=0.1, reduction="mean"),
     "weights_no_smoothing": dict(ignore="class", weight=True, eps=0.0, reduction="sum"),
+    "options": dict(ignore="some", weight=True, eps=0.1, reduction="mean", smoothing="others", softcap=3.0,
+                    grad_lse=True),
+}
+# The options on top of probability targets with class weights (where the targets and weights cost the most).
+PROBABILITY_VARIANTS = {
+    "plain": dict(),
+    "options": dict(softcap=3.0, grad_lse=True),
 }
 
 
@@ -145,20 +156,22 @@ def test_class_index_traffic_is_at_the_floor(mapping, variant, counted_driver, g
     check_small_kernels(small_forward + small_backward, f)
 
 
+@pytest.mark.parametrize("variant", tuple(PROBABILITY_VARIANTS))
 @pytest.mark.parametrize("mapping", tuple(THREADS_PER_ROW))
-def test_probability_forward_traffic_is_at_the_floor(mapping, counted_driver, gen):
-    case = mapping_case(mapping, target="probability", weight=True, eps=0.1, reduction="mean", backward=False)
+def test_probability_forward_traffic_is_at_the_floor(mapping, variant, counted_driver, gen):
+    case = mapping_case(mapping, target="probability", weight=True, eps=0.1, reduction="mean", backward=False,
+                        **PROBABILITY_VARIANTS[variant])
     f, traffic = run_counted(counted_driver, case, gen, mapping)
     forward, small = split_traffic(traffic, "forward")
     check_forward(case, f, forward)
     check_small_kernels(small, f)
 
 
-@pytest.mark.xfail(strict=True, reason="the probability-target backward reads the targets (and weights) twice: "
-                   "once for the per-row target mass, which the forward does not save yet (needs an op schema change)")
+@pytest.mark.parametrize("variant", tuple(PROBABILITY_VARIANTS))
 @pytest.mark.parametrize("mapping", tuple(THREADS_PER_ROW))
-def test_probability_backward_traffic_is_at_the_floor(mapping, counted_driver, gen):
-    case = mapping_case(mapping, target="probability", weight=True, eps=0.1, reduction="sum")
+def test_probability_backward_traffic_is_at_the_floor(mapping, variant, counted_driver, gen):
+    case = mapping_case(mapping, target="probability", weight=True, eps=0.1, reduction="sum",
+                        **PROBABILITY_VARIANTS[variant])
     f, traffic = run_counted(counted_driver, case, gen, mapping)
     backward, small = split_traffic(traffic, "backward")
     check_small_kernels(small, f)

@@ -26,7 +26,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for mapping in traffic.THREADS_PER_ROW:
         variants = [(name, dict(target="index", **kw)) for name, kw in traffic.INDEX_VARIANTS.items()]
-        variants.append(("probability, weights", dict(target="probability", weight=True, eps=0.1, reduction="sum")))
+        variants += [(f"probability, weights, {name}", dict(target="probability", weight=True, eps=0.1,
+                                                             reduction="sum", **kw))
+                     for name, kw in traffic.PROBABILITY_VARIANTS.items()]
         for name, kwargs in variants:
             case = traffic.mapping_case(mapping, **kwargs)
             f, launches = traffic.run_counted(driver, case, gen, mapping)
