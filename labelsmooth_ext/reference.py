@@ -377,8 +377,10 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
             grad = _class_index_chunk_backward(logits, chunk_lse, chunk_grad_lse, chunk_target, upstream,
                                                acc_weight, ignore_index, eps, scratch, out)
         if softcap is not None:
-            # d(c tanh(z / c)) / dz = 1 - tanh^2(z / c) = 1 - (z' / c)^2, from the capped logits z'.
-            derivative = logits.div_(softcap).square_().neg_().add_(1.0)
+            # d(c tanh(z / c)) / dz = 1 - tanh^2(z / c) = (1 - t)(1 + t) with t = z' / c, from the capped logits
+            # z' (no cancellation where the tanh saturates).
+            t = logits.div_(softcap)
+            derivative = torch.rsub(t, 1.0).mul_(t.add_(1.0))
             grad = torch.mul(grad, derivative, out=chunk_out.view(logits.shape) if direct else grad)
         if not direct:
             chunk_out.copy_(grad.view(chunk_out.shape))
