@@ -76,6 +76,7 @@ using MaskOf = Lanes<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>;
 LS_LANES_OPERATOR(+)
 LS_LANES_OPERATOR(-)
 LS_LANES_OPERATOR(*)
+LS_LANES_OPERATOR(/)
 #undef LS_LANES_OPERATOR
 
 template <typename T>
@@ -270,6 +271,29 @@ LS_INLINE Lanes<double> exp_vectorizable(Lanes<double> x) {
   return load_lanes(lanes);
 }
 
+// tanh(x) for a float or fp32 lanes, branch-free, for logit soft-capping. Cephes' tanhf: an odd polynomial
+// where |x| < 0.625 (there 1 - 2 / (exp(2x) + 1) would lose the low bits of a small result to the
+// cancellation against 1), else that expression, whose result is then at least 0.55 in magnitude: a few
+// ulp either way. Large |x| give exactly +-1 (exp_vectorizable clamps at 88 and flushes below -87.3), +-inf
+// too; NaN stays NaN. One template for scalar and vector code, like exp_vectorizable.
+template <typename V>
+LS_INLINE V tanh_vectorizable(V x) {
+  const V x2 = x * x;
+  const V odd = ((((-5.70498872745e-3f * x2 + 2.06390887954e-2f) * x2 - 5.37397155531e-2f) * x2 +
+                  1.33314422036e-1f) * x2 - 3.33332819422e-1f) * x2 * x + x;
+  const V outer = 1.0f - 2.0f / (exp_vectorizable(x + x) + 1.0f);
+  return select(x2 < 0.390625f, odd, outer);  // 0.625^2
+}
+
+// fp64: the library tanh, as for exp.
+LS_INLINE double tanh_vectorizable(double x) { return __builtin_tanh(x); }
+LS_INLINE Lanes<double> tanh_vectorizable(Lanes<double> x) {
+  double lanes[kLaneCount<double>];
+  std::memcpy(lanes, &x, sizeof(x));
+  for (int64_t l = 0; l < kLaneCount<double>; ++l) lanes[l] = __builtin_tanh(lanes[l]);
+  return load_lanes(lanes);
+}
+
 // Row formulas of ls_row_math.h on lanes, with the same operations in the same order (its templates are
 // compiled for the baseline, so they cannot take the lanes' operators).
 template <typename acc_t>
@@ -283,10 +307,11 @@ LS_INLINE Lanes<acc_t> class_index_grad_lanes(ClassIndexGradCoefs<acc_t> c, Lane
   return c.prob_scale * prob - c.smooth_scale * w_j;
 }
 
+// probability_grad with its per-row factor prob_scale = g * mass + grad_lse computed once per row.
 template <typename acc_t>
-LS_INLINE Lanes<acc_t> probability_grad_lanes(acc_t g, acc_t mass, Lanes<acc_t> prob,
+LS_INLINE Lanes<acc_t> probability_grad_lanes(acc_t prob_scale, acc_t g, Lanes<acc_t> prob,
                                               Lanes<acc_t> weighted_smoothed_target) {
-  return g * (mass * prob - weighted_smoothed_target);
+  return prob_scale * prob - g * weighted_smoothed_target;
 }
 
 }  // namespace labelsmooth::cpu::LS_CPU_ISA
