@@ -14,9 +14,10 @@ import torch
 
 import labelsmooth_ext
 
-from conftest import REDUCTION_CODES, op_backward, op_forward, skip_unless_compiled
+from conftest import REDUCTION_CODES, accumulation_dtype, op_backward, op_forward, skip_unless_compiled
 from cpu_isa_paths import ALL_ISAS, compiled_module, running_on, supported_isas
 from test_matrix import CASES, CORE_CASES, _case_id, build_case, check_against_float64
+import test_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,57 @@ def test_all_isas_give_the_same_bits(case, gen, restore_num_threads):
             assert torch.equal(value, expected), (
                 f"{name} of {isa} differs from {first}: max |diff| "
                 f"{(value.double() - expected.double()).abs().max().item():.3e}")
+
+
+# The options the kernels see (soft-capping, the 'others' eps, a gradient reaching the lse), combined as in
+# tests/test_options.py, on a subset of the kernel paths.
+KERNEL_OPTION_SETS = [
+    (name, options) for name, options in test_options.OPTION_SETS if name in ("z_loss+softcap+others", "softcap+lse+normalizer")
+]
+KERNEL_PATH_OPTION_CASES = KERNEL_PATH_CASES[::3]
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+@pytest.mark.parametrize("option_name,options", KERNEL_OPTION_SETS, ids=[n for n, _ in KERNEL_OPTION_SETS])
+@pytest.mark.parametrize("case", KERNEL_PATH_OPTION_CASES, ids=[_case_id(c) for c in KERNEL_PATH_OPTION_CASES])
+def test_each_isa_matches_float64_composition_with_options(isa, case, option_name, options, gen,
+                                                           restore_num_threads):
+    torch.set_num_threads(2)
+    with running_on(isa):
+        # The option tests' own check (that module runs it on the active copy only).
+        test_options.test_option_against_float64_composition(case, option_name, options, gen)
+
+
+def _op_results_with_options(inputs, softcap, smoothing, grad_lse):
+    logits, target, weight, ignore_index, reduction, eps, grad_output = inputs
+    code = REDUCTION_CODES[reduction]
+    loss, lse, mass = op_forward()(logits, target, weight, ignore_index, eps, smoothing, softcap, code)
+    grad = op_backward()(grad_output.to(loss.dtype), grad_lse, logits, target, weight, lse, mass, ignore_index, eps,
+                         smoothing, softcap, code)
+    return {"loss": loss, "lse": lse, "target_mass": mass, "grad": grad}
+
+
+@pytest.mark.parametrize("case", KERNEL_PATH_CASES, ids=[_case_id(c) for c in KERNEL_PATH_CASES])
+def test_all_isas_give_the_same_bits_with_options(case, gen, restore_num_threads):
+    """Soft-capping (the vectorized tanh), the 'others' convention and a gradient through the lse keep every
+    copy bit-identical too."""
+    isas = supported_isas()
+    if len(isas) < 2:
+        pytest.skip(f"only {isas} can run here: nothing to compare")
+    torch.set_num_threads(2)
+    inputs = build_case(case, gen)
+    logits, target = inputs[0], inputs[1]
+    smoothing = 0 if target.is_floating_point() else 1
+    row_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
+    grad_lse = torch.rand(row_shape, generator=gen, dtype=accumulation_dtype(logits.dtype)) - 0.5
+    results = {}
+    for isa in isas:
+        with running_on(isa):
+            results[isa] = _op_results_with_options(inputs, 2.5, smoothing, grad_lse)
+    first = isas[0]
+    for isa in isas[1:]:
+        for name, value in results[isa].items():
+            assert torch.equal(value, results[first][name]), f"{name} of {isa} differs from {first}"
 
 
 def test_backend_info_names_the_isa_in_use():

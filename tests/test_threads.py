@@ -41,18 +41,38 @@ def _inputs(shape, kind, dtype, gen):
     return x, target, class_weight(shape[1], gen, dtype)
 
 
-def _run(impl, x, target, weight, reduction, grad_output):
+def _run(impl, x, target, weight, reduction, grad_output, smoothing=0, softcap=None, grad_lse=None):
     forward, backward = ((op_forward(), op_backward()) if impl.startswith("op")
                          else (reference.ls_cross_entropy_forward, reference.ls_cross_entropy_backward))
     code = REDUCTION_CODES[reduction]
-    loss, lse, mass = forward(x, target, weight, -100, 0.1, 0, None, code)
-    grad = backward(grad_output.to(loss.dtype), None, x, target, weight, lse, mass, -100, 0.1, 0, None, code)
+    loss, lse, mass = forward(x, target, weight, -100, 0.1, smoothing, softcap, code)
+    grad = backward(grad_output.to(loss.dtype), grad_lse, x, target, weight, lse, mass, -100, 0.1, smoothing, softcap,
+                    code)
     return loss, lse, grad
 
 
 # The compiled op on each instruction set ("op@avx2": skipped where the CPU cannot run, or without the
 # extension), and the reference functions that the fallback op runs.
 IMPLS = [f"op@{isa}" for isa in ALL_ISAS] + ["reference"]
+
+
+def _results_per_thread_count(impl, run):
+    results = {}
+    with running_on(impl.split("@")[1]) if "@" in impl else contextlib.nullcontext():
+        for threads in THREAD_COUNTS:
+            torch.set_num_threads(threads)
+            results[threads] = run()
+    return results
+
+
+def _assert_same_bits(results):
+    base = results[THREAD_COUNTS[0]]
+    for threads, result in results.items():
+        for name, a, b in zip(("loss", "lse", "grad"), base, result):
+            assert torch.equal(a, b) and not a.isnan().any(), (
+                f"{name} differs between 1 and {threads} threads: max |diff| "
+                f"{(a.double() - b.double()).abs().max().item():.3e}"
+            )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -63,18 +83,21 @@ def test_same_bits_for_any_thread_count(shape, kind, dtype, reduction, impl, gen
     x, target, weight = _inputs(shape, kind, dtype, gen)
     row_shape = shape[:1] + shape[2:]
     grad_output = (torch.rand(row_shape if reduction == "none" else (), generator=gen) + 0.5)
-    results = {}
-    with running_on(impl.split("@")[1]) if "@" in impl else contextlib.nullcontext():
-        for threads in THREAD_COUNTS:
-            torch.set_num_threads(threads)
-            results[threads] = _run(impl, x, target, weight, reduction, grad_output)
-    base = results[THREAD_COUNTS[0]]
-    for threads, result in results.items():
-        for name, a, b in zip(("loss", "lse", "grad"), base, result):
-            assert torch.equal(a, b) and not a.isnan().any(), (
-                f"{name} differs between 1 and {threads} threads: max |diff| "
-                f"{(a.double() - b.double()).abs().max().item():.3e}"
-            )
+    _assert_same_bits(_results_per_thread_count(impl, lambda: _run(impl, x, target, weight, reduction, grad_output)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,kind", SHAPES, ids=[f"{s}-{k}" for s, k in SHAPES])
+def test_same_bits_for_any_thread_count_with_options(shape, kind, dtype, impl, gen, restore_num_threads):
+    """Soft-capping, the 'others' convention (class indices) and a gradient reaching the lse."""
+    x, target, weight = _inputs(shape, kind, dtype, gen)
+    row_shape = shape[:1] + shape[2:]
+    grad_output = torch.rand(row_shape, generator=gen) + 0.5
+    grad_lse = torch.rand(row_shape, generator=gen) - 0.5
+    smoothing = 1 if kind == "class" else 0
+    _assert_same_bits(_results_per_thread_count(impl, lambda: _run(
+        impl, x, target, weight, "none", grad_output, smoothing=smoothing, softcap=2.5, grad_lse=grad_lse)))
 
 
 def test_num_threads_is_honoured_and_restored(restore_num_threads, gen):

@@ -23,6 +23,31 @@ struct ChunkPartial {
   acc_t mass;         // probabilities: sum_c w_c t'_c (unused for class indices)
 };
 
+// Logit soft-capping: the loss reads every logit z as z' = cap * tanh(z / cap) (kSoftcap), else as z.
+// z * inverse_cap instead of z / cap: a multiplication is cheaper than a division, for one more rounding
+// (half an ulp of the argument of tanh).
+template <bool kSoftcap, typename V, typename acc_t>
+LS_INLINE V read_logit(V z, acc_t cap, acc_t inverse_cap) {
+  if constexpr (kSoftcap) {
+    return cap * tanh_vectorizable(z * inverse_cap);
+  } else {
+    return z;
+  }
+}
+
+// The same, and dz'/dz in *derivative (kSoftcap only). softcap_derivative of ls_row_math.h, 1 - (z' / cap)^2,
+// taken from t = tanh(z / cap) itself: z' / cap is t before the multiplication by cap rounded it.
+template <bool kSoftcap, typename V, typename acc_t>
+LS_INLINE V read_logit(V z, acc_t cap, acc_t inverse_cap, V* derivative) {
+  if constexpr (kSoftcap) {
+    const V t = tanh_vectorizable(z * inverse_cap);
+    *derivative = acc_t(1) - t * t;
+    return cap * t;
+  } else {
+    return z;
+  }
+}
+
 template <typename acc_t>
 LS_INLINE ChunkPartial<acc_t> merge_chunk_partials(const ChunkPartial<acc_t>& a, const ChunkPartial<acc_t>& b) {
   return ChunkPartial<acc_t>{softmax_state_merge(a.softmax, b.softmax), a.shifted_sum + b.shifted_sum,
@@ -84,15 +109,15 @@ constexpr int64_t kPrefetchBlock = 256;
 // asks for the memory of the following chunk (prefetch_next, usually z + n: the rest of the row or
 // the next row), which keeps the memory bus busy while the exps are computed. A prefetch never
 // faults, so asking past the end of the tensor is harmless.
-template <typename scalar_t, typename acc_t>
-LS_INLINE acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max, const scalar_t* prefetch_next) {
+template <typename scalar_t, typename acc_t, typename next_t>
+LS_INLINE acc_t chunk_sum_exp(const scalar_t* z, int64_t n, acc_t max, const next_t* prefetch_next) {
   // A chunk of only -inf logits contributes nothing (exp(-inf - -inf) would be NaN).
   if (max == -INFINITY) return acc_t(0);
   Lanes<acc_t> sum{};
   for (int64_t block = 0; block < n; block += kPrefetchBlock) {
     const int64_t block_end = std::min(n, block + kPrefetchBlock);
     const char* next = reinterpret_cast<const char*>(prefetch_next + block);
-    for (int64_t byte = 0; byte < (block_end - block) * int64_t(sizeof(scalar_t)); byte += 64) {
+    for (int64_t byte = 0; byte < (block_end - block) * int64_t(sizeof(next_t)); byte += 64) {
       __builtin_prefetch(next + byte, 0, 1);
     }
     for_lane_blocks<acc_t>(block, block_end, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
@@ -139,42 +164,49 @@ LS_INLINE void chunk_target_sums(const scalar_t* z, const target_t* t, const acc
   *dot_out = sum_lanes<acc_t>(dot);
 }
 
-// sum_c w_c t'_c alone (the backward needs it before writing any gradient of the row).
-template <typename target_t, typename acc_t>
-LS_INLINE acc_t chunk_target_mass(const target_t* t, const acc_t* w, int64_t n, acc_t eps, int64_t classes) {
-  Lanes<acc_t> mass{};
+// The capped logits of a chunk, in the accumulation type (soft-capping's forward computes each tanh once,
+// into a buffer that its two passes then read from cache).
+template <typename scalar_t, typename acc_t>
+LS_INLINE void chunk_capped_logits(const scalar_t* z, int64_t n, acc_t cap, acc_t inverse_cap, acc_t* out) {
   for_lane_blocks<acc_t>(0, n, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
     using Full = decltype(full);
-    mass += in_block_or<Full>(
-        weighted<Full>(w, j, count, smoothed_probability_lanes<acc_t>(load_block<Full>(t + j, count), eps, classes)),
-        acc_t(0), count);
+    store_block<Full>(out + j, read_logit<true>(load_block<Full>(z + j, count), cap, inverse_cap), count);
   });
-  return sum_lanes<acc_t>(mass);
 }
 
 // Class-index gradient of a chunk, without the target's own term (the driver patches that one element):
-//   out_j = prob_scale * exp(z_j - lse) - smooth_scale * w_j
-template <typename scalar_t, typename acc_t>
+//   out_j = (prob_scale * exp(z'_j - lse) - smooth_scale * w_j) * dz'_j/dz_j   (z' = z without soft-capping)
+template <bool kSoftcap, typename scalar_t, typename acc_t>
 LS_INLINE void chunk_class_index_grad(const scalar_t* z, const acc_t* w, scalar_t* out, int64_t n, acc_t lse,
-                                      ClassIndexGradCoefs<acc_t> coefs) {
+                                      ClassIndexGradCoefs<acc_t> coefs, acc_t cap, acc_t inverse_cap) {
   for_lane_blocks<acc_t>(0, n, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
     using Full = decltype(full);
-    const Lanes<acc_t> p = exp_vectorizable(load_block<Full>(z + j, count) - lse);
+    Lanes<acc_t> derivative;
+    const Lanes<acc_t> x = read_logit<kSoftcap>(load_block<Full>(z + j, count), cap, inverse_cap, &derivative);
+    const Lanes<acc_t> p = exp_vectorizable(x - lse);
     const Lanes<acc_t> w_j = w == nullptr ? broadcast(acc_t(1)) : load_block<Full>(w + j, count);
-    store_block<Full>(out + j, class_index_grad_lanes(coefs, p, w_j), count);
+    Lanes<acc_t> grad = class_index_grad_lanes(coefs, p, w_j);
+    if constexpr (kSoftcap) grad = grad * derivative;
+    store_block<Full>(out + j, grad, count);
   });
 }
 
-// Probability-target gradient of a chunk: out_j = g * (mass * exp(z_j - lse) - w_j t'_j)
-template <typename scalar_t, typename target_t, typename acc_t>
+// Probability-target gradient of a chunk: out_j = (prob_scale * exp(z'_j - lse) - g * w_j t'_j) * dz'_j/dz_j,
+// prob_scale = g * mass + grad_lse.
+template <bool kSoftcap, typename scalar_t, typename target_t, typename acc_t>
 LS_INLINE void chunk_probability_grad(const scalar_t* z, const target_t* t, const acc_t* w, scalar_t* out, int64_t n,
-                                      acc_t lse, acc_t g, acc_t mass, acc_t eps, int64_t classes) {
+                                      acc_t lse, acc_t prob_scale, acc_t g, acc_t eps, int64_t classes, acc_t cap,
+                                      acc_t inverse_cap) {
   for_lane_blocks<acc_t>(0, n, [&](int64_t j, auto full, int64_t count) LS_LAMBDA_INLINE {
     using Full = decltype(full);
-    const Lanes<acc_t> p = exp_vectorizable(load_block<Full>(z + j, count) - lse);
+    Lanes<acc_t> derivative;
+    const Lanes<acc_t> x = read_logit<kSoftcap>(load_block<Full>(z + j, count), cap, inverse_cap, &derivative);
+    const Lanes<acc_t> p = exp_vectorizable(x - lse);
     const Lanes<acc_t> target_mass =
         weighted<Full>(w, j, count, smoothed_probability_lanes<acc_t>(load_block<Full>(t + j, count), eps, classes));
-    store_block<Full>(out + j, probability_grad_lanes(g, mass, p, target_mass), count);
+    Lanes<acc_t> grad = probability_grad_lanes(prob_scale, g, p, target_mass);
+    if constexpr (kSoftcap) grad = grad * derivative;
+    store_block<Full>(out + j, grad, count);
   });
 }
 

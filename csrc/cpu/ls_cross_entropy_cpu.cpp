@@ -18,23 +18,25 @@ const IsaKernels& active_kernels() {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> ls_cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& target,
-                                                                const std::optional<at::Tensor>& weight,
-                                                                int64_t ignore_index, double label_smoothing,
-                                                                int64_t reduction) {
-  const PreparedInputs prepared =
-      prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing, reduction);
-  return active_kernels().forward(prepared, label_smoothing, ignore_index, reduction);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ls_cross_entropy_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, int64_t smoothing, std::optional<double> softcap, int64_t reduction) {
+  LossOptions options;
+  const PreparedInputs prepared = prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing,
+                                                         smoothing, softcap, reduction, &options);
+  return active_kernels().forward(prepared, options);
 }
 
-at::Tensor ls_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
-                                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                         const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
-                                         int64_t reduction) {
-  const PreparedInputs prepared =
-      prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing, reduction);
-  const at::Tensor grad = prepare_backward_grad(grad_loss, lse, prepared, reduction);
-  return active_kernels().backward(grad, prepared, lse, label_smoothing, ignore_index, reduction);
+at::Tensor ls_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                         const at::Tensor& input, const at::Tensor& target,
+                                         const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                         const at::Tensor& target_mass, int64_t ignore_index, double label_smoothing,
+                                         int64_t smoothing, std::optional<double> softcap, int64_t reduction) {
+  LossOptions options;
+  const PreparedInputs prepared = prepare_forward_inputs(input, target, weight, ignore_index, label_smoothing,
+                                                         smoothing, softcap, reduction, &options);
+  const BackwardInputs grads = prepare_backward_inputs(grad_loss, grad_lse, lse, target_mass, prepared, reduction);
+  return active_kernels().backward(grads, prepared, options);
 }
 
 }  // namespace

@@ -11,38 +11,67 @@ namespace {
 // Summary of logits [begin, begin + n) of row r: max and sum of exp, and the target-dependent sums.
 // Never inlined: the whole-row and the split-row schedules must run the very same machine code on a
 // chunk (an inlined copy may be vectorized differently), or results would depend on the thread count.
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-__attribute__((noinline)) ChunkPartial<acc_t> row_chunk_partial(const RowProblem<scalar_t, target_t, acc_t>& p,
-                                                                int64_t r, int64_t begin, int64_t n) {
-  const scalar_t* row = p.row_logits(r, 0);
-  const scalar_t* z = row + begin;
-  const acc_t pivot = row_pivot(acc_t(load_as_acc(row[0])));
+// Where the forward writes each row's results. mass: sum_c w_c t'_c (probability targets only).
+template <typename acc_t>
+struct RowOutputs {
+  acc_t* lse;
+  acc_t* loss;
+  acc_t* mass;
+};
+
+// Logit c of a row as the loss reads it (capped when kSoftcap).
+template <bool kSoftcap, typename scalar_t, typename target_t, typename acc_t>
+LS_INLINE acc_t row_logit(const RowProblem<scalar_t, target_t, acc_t>& p, const scalar_t* row, int64_t c) {
+  return read_logit<kSoftcap>(acc_t(load_as_acc(row[c])), p.softcap, p.inverse_softcap);
+}
+
+// The chunk's sums over logits z (of any storage type; the capped ones come as acc_t).
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, typename logit_t>
+LS_INLINE ChunkPartial<acc_t> chunk_partial(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r, int64_t begin,
+                                            int64_t n, const logit_t* z, acc_t pivot) {
   const acc_t* w = p.weight == nullptr ? nullptr : p.weight + begin;
+  const scalar_t* next = p.row_logits(r, 0) + begin + n;
   ChunkPartial<acc_t> partial{};
   acc_t m;
   if constexpr (kProbability) {
-    chunk_target_sums<scalar_t, target_t, acc_t>(z, p.row_target(r, 0) + begin, w, n, pivot, p.eps, p.classes, &m,
-                                                 &partial.mass, &partial.shifted_sum);
+    chunk_target_sums<logit_t, target_t, acc_t>(z, p.row_target(r, 0) + begin, w, n, pivot, p.eps, p.classes, &m,
+                                                &partial.mass, &partial.shifted_sum);
   } else {
-    chunk_max_and_shifted_sum<scalar_t, acc_t>(z, w, n, pivot, &m, &partial.shifted_sum);
+    chunk_max_and_shifted_sum<logit_t, acc_t>(z, w, n, pivot, &m, &partial.shifted_sum);
   }
-  partial.softmax = SoftmaxState<acc_t>{m, chunk_sum_exp<scalar_t, acc_t>(z, n, m, z + n)};
+  partial.softmax = SoftmaxState<acc_t>{m, chunk_sum_exp<logit_t, acc_t>(z, n, m, next)};
   return partial;
 }
 
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-LS_INLINE void finish_row(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r, const ChunkPartial<acc_t>& merged,
-                          acc_t* lse, acc_t* loss) {
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap>
+__attribute__((noinline)) ChunkPartial<acc_t> row_chunk_partial(const RowProblem<scalar_t, target_t, acc_t>& p,
+                                                                int64_t r, int64_t begin, int64_t n) {
   const scalar_t* row = p.row_logits(r, 0);
-  const acc_t pivot = row_pivot(acc_t(load_as_acc(row[0])));
-  lse[r] = softmax_state_lse(merged.softmax);
+  // The pivot is a capped logit too: capped logits lie in [-softcap, softcap], a raw one may lie far outside.
+  const acc_t pivot = row_pivot(row_logit<kSoftcap>(p, row, 0));
+  if constexpr (kSoftcap) {
+    acc_t capped[kChunkElements];  // 32 KiB (fp32): both passes read it from cache, each tanh is computed once
+    chunk_capped_logits<scalar_t, acc_t>(row + begin, n, p.softcap, p.inverse_softcap, capped);
+    return chunk_partial<scalar_t, target_t, acc_t, kProbability>(p, r, begin, n, capped, pivot);
+  } else {
+    return chunk_partial<scalar_t, target_t, acc_t, kProbability>(p, r, begin, n, row + begin, pivot);
+  }
+}
+
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap>
+LS_INLINE void finish_row(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t r, const ChunkPartial<acc_t>& merged,
+                          RowOutputs<acc_t> out) {
+  const scalar_t* row = p.row_logits(r, 0);
+  const acc_t pivot = row_pivot(row_logit<kSoftcap>(p, row, 0));
+  const acc_t lse = softmax_state_lse(merged.softmax);
+  out.lse[r] = lse;
   if constexpr (kProbability) {
-    loss[r] = probability_row_loss(lse[r], merged.mass, merged.shifted_sum, pivot);
+    out.loss[r] = probability_row_loss(lse, merged.mass, merged.shifted_sum, pivot);
+    out.mass[r] = merged.mass;
   } else {
     const int64_t y = p.target[r];
     const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
-    loss[r] = class_index_row_loss(lse[r], acc_t(load_as_acc(row[y])), w_y, p.weight_total, merged.shifted_sum, pivot,
-                                   p.eps, p.classes);
+    out.loss[r] = class_index_loss_of_row(p, lse, row_logit<kSoftcap>(p, row, y), w_y, merged.shifted_sum, pivot);
   }
 }
 
@@ -51,54 +80,55 @@ LS_INLINE int64_t chunk_length(int64_t classes, int64_t chunk) {
 }
 
 // Whole rows [begin, end), one thread: every chunk of a row, merged in chunk order.
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-void forward_row_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
-                                            int64_t end, acc_t* lse, acc_t* loss) {
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap>
+void forward_row_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin, int64_t end,
+                       RowOutputs<acc_t> out) {
   const int64_t chunks = ceil_div(p.classes, kChunkElements);
   for (int64_t r = begin; r < end; ++r) {
     if (!row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r)) continue;
-    auto merged = row_chunk_partial<scalar_t, target_t, acc_t, kProbability>(p, r, 0, chunk_length(p.classes, 0));
+    auto merged =
+        row_chunk_partial<scalar_t, target_t, acc_t, kProbability, kSoftcap>(p, r, 0, chunk_length(p.classes, 0));
     for (int64_t c = 1; c < chunks; ++c) {
-      merged = merge_chunk_partials(merged, row_chunk_partial<scalar_t, target_t, acc_t, kProbability>(
+      merged = merge_chunk_partials(merged, row_chunk_partial<scalar_t, target_t, acc_t, kProbability, kSoftcap>(
                                                 p, r, c * kChunkElements, chunk_length(p.classes, c)));
     }
-    finish_row<scalar_t, target_t, acc_t, kProbability>(p, r, merged, lse, loss);
+    finish_row<scalar_t, target_t, acc_t, kProbability, kSoftcap>(p, r, merged, out);
   }
 }
 
 // Chunk tasks [begin, end) of the split-row schedule (task = row * chunks + chunk).
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-void forward_chunk_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin,
-                                              int64_t end, ChunkPartial<acc_t>* partials) {
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap>
+void forward_chunk_range(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t begin, int64_t end,
+                         ChunkPartial<acc_t>* partials) {
   const int64_t chunks = ceil_div(p.classes, kChunkElements);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t r = task / chunks, c = task % chunks;
     if (!row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r)) continue;
-    partials[task] = row_chunk_partial<scalar_t, target_t, acc_t, kProbability>(p, r, c * kChunkElements,
-                                                                               chunk_length(p.classes, c));
+    partials[task] = row_chunk_partial<scalar_t, target_t, acc_t, kProbability, kSoftcap>(
+        p, r, c * kChunkElements, chunk_length(p.classes, c));
   }
 }
 
 // (N, C) layout. Threads take whole rows; when rows are fewer than threads and long, they take chunks
 // of rows instead, and each row's chunk results are merged afterwards in the same order as above.
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, acc_t* loss) {
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap>
+void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, RowOutputs<acc_t> out) {
   const int64_t chunks = ceil_div(p.classes, kChunkElements);
   if (chunks > 1 && p.rows() < at::get_num_threads()) {
     std::vector<ChunkPartial<acc_t>> partials(p.rows() * chunks);
     at::parallel_for(0, p.rows() * chunks, 1, [&](int64_t begin, int64_t end) {
-      forward_chunk_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, partials.data());
+      forward_chunk_range<scalar_t, target_t, acc_t, kProbability, kSoftcap>(p, begin, end, partials.data());
     });
     for (int64_t r = 0; r < p.rows(); ++r) {
       if (!row_is_active<scalar_t, target_t, acc_t, kProbability>(p, r)) continue;
       ChunkPartial<acc_t> merged = partials[r * chunks];
       for (int64_t c = 1; c < chunks; ++c) merged = merge_chunk_partials(merged, partials[r * chunks + c]);
-      finish_row<scalar_t, target_t, acc_t, kProbability>(p, r, merged, lse, loss);
+      finish_row<scalar_t, target_t, acc_t, kProbability, kSoftcap>(p, r, merged, out);
     }
     return;
   }
   at::parallel_for(0, p.rows(), row_grain(p.classes), [&](int64_t begin, int64_t end) {
-    forward_row_range<scalar_t, target_t, acc_t, kProbability>(p, begin, end, lse, loss);
+    forward_row_range<scalar_t, target_t, acc_t, kProbability, kSoftcap>(p, begin, end, out);
   });
 }
 
@@ -107,16 +137,16 @@ void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, ac
 // adjacent in memory, so every load is contiguous; short (N, C) rows (kRowLanes true): rows
 // i0 .. i0 + lanes - 1, where per-row loops of a few classes would be all prologue and epilogue, and
 // a load gathers one class of each row. Two passes (max and sums, then sum of exp) over a tile that
-// stays in cache.
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kRowLanes>
-void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0,
-                                       int64_t lanes, acc_t* lse, acc_t* loss) {
+// stays in cache; with soft-capping, each pass caps the logits it reads.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap, bool kRowLanes>
+void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0, int64_t lanes,
+                  RowOutputs<acc_t> out) {
   const TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
   const scalar_t* base = p.logits + at.logits_base;
   const target_t* target_base = p.target + at.target_base;
   acc_t pivot[kTileLanes], m[kTileLanes], s[kTileLanes], shifted[kTileLanes], mass[kTileLanes];
   for (int64_t l = 0; l < lanes; ++l) {
-    pivot[l] = row_pivot(acc_t(load_as_acc(base[l * at.logits_lane])));
+    pivot[l] = row_pivot(row_logit<kSoftcap>(p, base + l * at.logits_lane, 0));
     m[l] = -INFINITY;
     s[l] = shifted[l] = mass[l] = acc_t(0);
   }
@@ -125,7 +155,7 @@ void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int
     const acc_t w_c = p.weight == nullptr ? acc_t(1) : p.weight[c];
 #pragma omp simd
     for (int64_t l = 0; l < lanes; ++l) {
-      const acc_t x = load_as_acc(zc[l * at.logits_lane]);
+      const acc_t x = row_logit<kSoftcap>(p, zc, l * at.logits_lane);
       m[l] = x > m[l] ? x : m[l];
       if constexpr (kProbability) {
         const acc_t t = load_as_acc(target_base[c * at.target_class + l * at.target_lane]);
@@ -141,7 +171,7 @@ void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int
     const scalar_t* zc = base + c * at.logits_class;
 #pragma omp simd
     for (int64_t l = 0; l < lanes; ++l) {
-      const acc_t e = exp_vectorizable(load_as_acc(zc[l * at.logits_lane]) - m[l]);
+      const acc_t e = exp_vectorizable(row_logit<kSoftcap>(p, zc, l * at.logits_lane) - m[l]);
       s[l] += m[l] == -INFINITY ? acc_t(0) : e;
     }
   }
@@ -149,30 +179,45 @@ void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int
     const int64_t r = at.first_row + l;
     const acc_t row_lse = softmax_state_lse(SoftmaxState<acc_t>{m[l], s[l]});
     if constexpr (kProbability) {
-      lse[r] = row_lse;
-      loss[r] = probability_row_loss(row_lse, mass[l], shifted[l], pivot[l]);
+      out.lse[r] = row_lse;
+      out.loss[r] = probability_row_loss(row_lse, mass[l], shifted[l], pivot[l]);
+      out.mass[r] = mass[l];
     } else {
       const int64_t y = p.target[r];
       if (y == p.ignore_index) continue;
       const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
-      lse[r] = row_lse;
-      loss[r] = class_index_row_loss(row_lse, acc_t(load_as_acc(base[y * at.logits_class + l * at.logits_lane])), w_y,
-                                     p.weight_total, shifted[l], pivot[l], p.eps, p.classes);
+      out.lse[r] = row_lse;
+      out.loss[r] = class_index_loss_of_row(
+          p, row_lse, row_logit<kSoftcap>(p, base + l * at.logits_lane, y * at.logits_class), w_y, shifted[l],
+          pivot[l]);
     }
   }
 }
 
-template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
-void forward_tiles(const RowProblem<scalar_t, target_t, acc_t>& p, acc_t* lse, acc_t* loss) {
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap>
+void forward_tiles(const RowProblem<scalar_t, target_t, acc_t>& p, RowOutputs<acc_t> out) {
   if (p.inner == 1) {  // short (N, C) rows: the rows are the lanes
     for_each_tile(1, p.classes, p.rows(), [&](int64_t, int64_t i0, int64_t lanes) {
-      forward_tile<scalar_t, target_t, acc_t, kProbability, true>(p, 0, i0, lanes, lse, loss);
+      forward_tile<scalar_t, target_t, acc_t, kProbability, kSoftcap, true>(p, 0, i0, lanes, out);
     });
     return;
   }
   for_each_tile(p.outer, p.classes, p.inner, [&](int64_t o, int64_t i0, int64_t lanes) {
-    forward_tile<scalar_t, target_t, acc_t, kProbability, false>(p, o, i0, lanes, lse, loss);
+    forward_tile<scalar_t, target_t, acc_t, kProbability, kSoftcap, false>(p, o, i0, lanes, out);
   });
+}
+
+// The row schedule (long (N, C) rows) or the tile schedule, with or without soft-capping.
+template <typename scalar_t, typename target_t, typename acc_t, bool kProbability>
+void forward_problem(const RowProblem<scalar_t, target_t, acc_t>& p, RowOutputs<acc_t> out) {
+  const bool rows = p.inner == 1 && p.classes > kShortRowClassesForward;
+  if (p.softcap > acc_t(0)) {
+    rows ? forward_rows<scalar_t, target_t, acc_t, kProbability, true>(p, out)
+         : forward_tiles<scalar_t, target_t, acc_t, kProbability, true>(p, out);
+  } else {
+    rows ? forward_rows<scalar_t, target_t, acc_t, kProbability, false>(p, out)
+         : forward_tiles<scalar_t, target_t, acc_t, kProbability, false>(p, out);
+  }
 }
 
 template <typename acc_t>
@@ -184,56 +229,50 @@ acc_t sum_in_row_order(const acc_t* values, int64_t n) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, double label_smoothing, int64_t ignore_index,
-                                               int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const PreparedInputs& in, const LossOptions& options) {
   const ProblemLayout& layout = in.layout;
   const auto acc_dtype = accumulation_dtype(in.input.scalar_type());
-  const auto options = in.input.options().dtype(acc_dtype);
+  const auto tensor_options = in.input.options().dtype(acc_dtype);
   // Ignored rows are never read: their lse and loss stay 0.
-  at::Tensor lse = at::zeros(layout.row_shape, options);
-  at::Tensor row_loss = at::zeros(layout.row_shape, options);
+  at::Tensor lse = at::zeros(layout.row_shape, tensor_options);
+  at::Tensor row_loss = at::zeros(layout.row_shape, tensor_options);
+  // The backward of probability targets reads each row's sum_c w_c t'_c from here instead of summing again.
+  at::Tensor target_mass =
+      layout.probability_target ? at::zeros(layout.row_shape, tensor_options) : at::empty({0}, tensor_options);
   at::Tensor denominator;
 
   dispatch_logits_dtype(in.input.scalar_type(), [&](auto* scalar_tag) {
     using scalar_t = std::remove_pointer_t<decltype(scalar_tag)>;
     using acc_t = acc_type<scalar_t>;
-    acc_t* lse_data = mutable_data_as<acc_t>(lse);
-    acc_t* loss_data = mutable_data_as<acc_t>(row_loss);
+    const RowOutputs<acc_t> out{mutable_data_as<acc_t>(lse), mutable_data_as<acc_t>(row_loss),
+                                layout.probability_target ? mutable_data_as<acc_t>(target_mass) : nullptr};
     if (layout.probability_target) {
       dispatch_target_dtype<scalar_t>(in.target, in.input.scalar_type(), [&](auto* target_tag) {
         using target_t = std::remove_pointer_t<decltype(target_tag)>;
-        const auto p = make_row_problem<scalar_t, target_t, acc_t>(in, label_smoothing, ignore_index);
-        if (layout.inner == 1 && layout.classes > kShortRowClassesForward) {
-          forward_rows<scalar_t, target_t, acc_t, true>(p, lse_data, loss_data);
-        } else {
-          forward_tiles<scalar_t, target_t, acc_t, true>(p, lse_data, loss_data);
-        }
+        forward_problem<scalar_t, target_t, acc_t, true>(make_row_problem<scalar_t, target_t, acc_t>(in, options),
+                                                         out);
       });
-      denominator = at::scalar_tensor(static_cast<double>(layout.rows()), options);
+      denominator = at::scalar_tensor(static_cast<double>(layout.rows()), tensor_options);
       return;
     }
-    const auto p = make_row_problem<scalar_t, int64_t, acc_t>(in, label_smoothing, ignore_index);
-    check_class_indices(p.target, p.rows(), p.classes, ignore_index);
-    if (p.classes == 0) {
-      // Every row is ignored (the check above allows nothing else): nothing to read.
-    } else if (layout.inner == 1 && layout.classes > kShortRowClassesForward) {
-      forward_rows<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);
-    } else {
-      forward_tiles<scalar_t, int64_t, acc_t, false>(p, lse_data, loss_data);
-    }
-    if (reduction == kReductionMean) {
-      denominator = at::scalar_tensor(class_index_mean_denominator(p.target, p.rows(), p.weight, ignore_index), options);
+    const auto p = make_row_problem<scalar_t, int64_t, acc_t>(in, options);
+    check_class_indices(p.target, p.rows(), p.classes, p.ignore_index);
+    // With no classes every row is ignored (the check above allows nothing else): nothing to read.
+    if (p.classes > 0) forward_problem<scalar_t, int64_t, acc_t, false>(p, out);
+    if (options.reduction == kReductionMean) {
+      denominator = at::scalar_tensor(class_index_mean_denominator(p.target, p.rows(), p.weight, p.ignore_index),
+                                      tensor_options);
     }
   });
 
-  if (reduction == kReductionNone) return {row_loss, lse};
-  at::Tensor total = at::empty({}, options);
+  if (options.reduction == kReductionNone) return {row_loss, lse, target_mass};
+  at::Tensor total = at::empty({}, tensor_options);
   dispatch_logits_dtype(in.input.scalar_type(), [&](auto* scalar_tag) {
     using acc_t = acc_type<std::remove_pointer_t<decltype(scalar_tag)>>;
     total.fill_(sum_in_row_order(row_loss.const_data_ptr<acc_t>(), row_loss.numel()));
   });
-  if (reduction == kReductionMean) total = total / denominator;
-  return {total, lse};
+  if (options.reduction == kReductionMean) total = total / denominator;
+  return {total, lse, target_mass};
 }
 
 }  // namespace labelsmooth::cpu::LS_CPU_ISA
