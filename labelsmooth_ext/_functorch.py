@@ -11,11 +11,9 @@ Under an active transform, the public API therefore calls the ops through the au
 which use the very same setup_context and backward; outside transforms nothing changes.
 """
 
-import math
-
 import torch
 
-from . import _registration
+from . import _registration, reference
 
 _OPS = torch.ops.labelsmooth
 
@@ -41,19 +39,10 @@ def _sample_row_shape(batched_input):
 
 
 def _mean_denominators(input, target, weight, ignore_index, acc_dtype):
-    """What 'mean' divides each sample's sum by: its number of rows for probability targets, else the sum of
-    w[y] over its non-ignored rows (batch-first input and target)."""
-    batch = input.shape[0]
-    if target.shape == input.shape and target.is_floating_point():
-        rows = math.prod(_sample_row_shape(input))
-        return torch.full((batch,), float(rows), dtype=acc_dtype, device=input.device)
-    flat = target.reshape(batch, -1).to(torch.int64)
-    valid = flat != ignore_index
-    if weight is None:
-        return valid.sum(dim=1).to(acc_dtype)
-    safe = torch.where(valid, flat, torch.zeros_like(flat))
-    w = weight.to(acc_dtype)[safe]
-    return torch.where(valid, w, torch.zeros_like(w)).sum(dim=1)
+    """What 'mean' divides each sample's sum by: the sum of its rows' weights (batch-first input and target)."""
+    rows = reference.row_weights(_rows_of_batch(input, input), _rows_of_batch(target, input), weight, ignore_index,
+                                 acc_dtype)
+    return rows.reshape(input.shape[0], -1).sum(dim=1)
 
 
 def _reject_batched_weight(weight_dim):

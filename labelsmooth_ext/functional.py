@@ -5,7 +5,7 @@ an external normaliser)."""
 import torch
 from torch.nn import _reduction as _legacy_reduction
 
-from . import _functorch, _validation
+from . import _functorch, _validation, reference
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
@@ -80,7 +80,7 @@ def _z_loss_part(input, target, weight, ignore_index, lse, z_loss, reduction):
     """z_loss * lse^2 per non-ignored row, weighted like the row (w[y] for class indices), reduced like the
     loss. Computed from the rows' lse, which the kernels return anyway: no pass over the logits; its gradient
     reaches them through lse (2 z lse p_j per row)."""
-    row_weight = _row_weights(input, target, weight, ignore_index, lse.dtype)
+    row_weight = reference.row_weights(input, target, weight, ignore_index, lse.dtype)
     rows = z_loss * row_weight * lse.square()
     if reduction == _validation.REDUCTIONS["none"]:
         return rows
@@ -88,17 +88,3 @@ def _z_loss_part(input, target, weight, ignore_index, lse, z_loss, reduction):
     if reduction == _validation.REDUCTIONS["mean"]:
         total = total / row_weight.sum()
     return total
-
-
-def _row_weights(input, target, weight, ignore_index, dtype):
-    """Each row's weight in the mean: w[y] (1 without weights) for class indices, 0 for ignored rows; 1 for
-    probability targets."""
-    if target.shape == input.shape and target.is_floating_point():
-        return torch.ones_like(target.select(0 if input.dim() == 1 else 1, 0), dtype=dtype)
-    rows_target = target.to(torch.int64)
-    valid = rows_target != ignore_index
-    if weight is None:
-        return valid.to(dtype)
-    safe = torch.where(valid, rows_target, torch.zeros_like(rows_target))
-    w = weight.to(dtype)[safe]
-    return torch.where(valid, w, torch.zeros_like(w))

@@ -181,6 +181,17 @@ def _target_weights(safe_target: Tensor, weight: Tensor | None, dtype: torch.dty
     return weight[safe_target]
 
 
+def row_weights(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                dtype: torch.dtype) -> Tensor:
+    """Each row's weight in the mean (row-shaped): w[y] (1 without weights) for class indices, 0 for ignored
+    rows; 1 for probability targets."""
+    if _is_probability_target(input, target):
+        return torch.ones_like(target.select(_class_dim(input), 0), dtype=dtype)
+    valid, safe_target = _valid_and_safe_targets(target.to(torch.int64), ignore_index)
+    w = _target_weights(safe_target, None if weight is None else weight.to(dtype), dtype)
+    return torch.where(valid, w, torch.zeros_like(w))
+
+
 def _mean_denominator(probability: bool, target: Tensor, weight: Tensor | None, ignore_index: int,
                       dtype: torch.dtype) -> Tensor | int:
     """What 'mean' divides by: the number of rows for probability targets; otherwise the sum of w[y]
