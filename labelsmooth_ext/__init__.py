@@ -8,6 +8,8 @@ from . import _backend, _functorch, _registration  # noqa: F401  (defines and re
 from ._backend import backend_info
 from ._version import __version__
 from .functional import cross_entropy
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "backend_info", "cross_entropy", "__version__"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "backend_info", "cross_entropy", "linear_cross_entropy",
+           "__version__"]
