@@ -273,5 +273,11 @@ def _rows_backward(ctx, grad_loss, grad_lse):
 
 
 linear_cross_entropy_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
-linear_cross_entropy_rows_backward.register_autograd(_registration.no_double_backward,
-                                                     setup_context=lambda ctx, inputs, output: None)
+
+
+def _no_double_backward(ctx, *grads):
+    _registration.no_double_backward(ctx, grads[0])
+
+
+# Without this rule autograd would silently treat the backward op as constant (a wrong second derivative).
+linear_cross_entropy_rows_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
