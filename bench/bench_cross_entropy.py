@@ -391,11 +391,15 @@ def native_stderr_silenced():
 
 
 def peak_cpu_step_bytes(loss_fn, logits, target):
+    return peak_cpu_bytes(functools.partial(training_step, loss_fn, logits, target))
+
+
+def peak_cpu_bytes(step):
     """The CPU allocator keeps no statistics, so replay its allocation and free events from the profiler:
-    the peak of their running sum is the most tensor memory the step held at once. The raw event stream
+    the peak of their running sum is the most tensor memory step() held at once. The raw event stream
     is used because the public event list folds allocations into per-op totals and loses their order."""
     with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        training_step(loss_fn, logits, target)
+        step()
     events = sorted((event.start_ns(), event.nbytes())
                     for event in prof.profiler.kineto_results.events() if event.name() == "[memory]")
     held = peak = 0

@@ -18,8 +18,8 @@ accumulation dtype, gamma(n) = u (4 sqrt(n) + 32) as in conftest.py):
   d loss_r = sum_c (A_r p_rc - a_rc) dz_rc, at most 2 A_r max_c delta_rc (A_r = sum_c a_rc, the row's mass).
 * Gradient of the logits G = g_r (A_r p - a): conftest's bound (kernel arithmetic, rounding to the input
   dtype), plus the effect of dz on p: |dp_c| <= 2 p_c max delta, so |g_r| A_r p_rc 2 max_c delta_rc.
-* grad_input = G W (a GEMM over V, rounded to the input dtype, then scaled by the upstream gradient and
-  rounded again): T_G |W| + (gamma(V) + 2 u_in) |G| |W|. grad_linear_weight = G^T x summed over the rows,
+* grad_input = G W (a GEMM over V, rounded to the input dtype, then scaled by the upstream gradient rounded
+  to the input dtype, and rounded again): T_G |W| + (gamma(V) + 3 u_in) |G| |W|. grad_linear_weight = G^T x summed over the rows,
   per chunk rounded to the input dtype for bf16/fp16, accumulated in fp32, scaled and rounded once more:
   T_G^T |x| + (gamma(N) + 3 u_in) |G|^T |x|. grad_linear_bias likewise with x = 1.
 """
@@ -103,7 +103,7 @@ def tolerances(x, W, b, t, weight, ignore_index, reduction, eps, upstream, ref):
     grad_z_tol = grad_tolerance(z_seen, t, weight, ignore_index, reduction, eps, upstream, grad_z) \
         + g * mass * p * 2.0 * delta_max
     grad_abs = grad_z.abs()
-    grad_x_tol = grad_z_tol @ w_abs + (_gamma(classes, acc) + 2 * u_in) * (grad_abs @ w_abs)
+    grad_x_tol = grad_z_tol @ w_abs + (_gamma(classes, acc) + 3 * u_in) * (grad_abs @ w_abs)
     grad_w_tol = grad_z_tol.T @ x_abs + (_gamma(rows, acc) + 3 * u_in) * (grad_abs.T @ x_abs)
     grad_b_tol = grad_z_tol.sum(dim=0) + (_gamma(rows, acc) + 3 * u_in) * grad_abs.sum(dim=0)
     return loss_tol, grad_x_tol, grad_w_tol, grad_b_tol
@@ -223,10 +223,11 @@ def test_all_rows_ignored(gen):
 
 
 def test_chunk_rows_automatic():
-    """At most CHUNK_BYTES and 1/LOGITS_FRACTION of the logits per chunk, at least MIN_CHUNK_ROWS rows."""
+    """1/LOGITS_FRACTION of the logits per chunk, at most CHUNK_BYTES, at least MIN_CHUNK_ROWS rows."""
     f32 = torch.float32
     assert _linear_ops.chunk_rows(4096, 32000, f32, 0) == 4096 // _linear_ops.LOGITS_FRACTION
     assert _linear_ops.chunk_rows(1 << 20, 128256, f32, 0) == _linear_ops.CHUNK_BYTES // (128256 * 4)
+    assert _linear_ops.chunk_rows(1 << 20, 128256, torch.bfloat16, 0) == _linear_ops.CHUNK_BYTES // (128256 * 2)
     assert _linear_ops.chunk_rows(100, 32000, f32, 0) == _linear_ops.MIN_CHUNK_ROWS
     assert _linear_ops.chunk_rows(100, 32000, f32, 7) == 7
 
