@@ -187,6 +187,8 @@ def _with_grads_backward(ctx, grad_loss, *_):
         # The saved gradients would act as constants: a second derivative through them would be wrong.
         _registration.no_double_backward(ctx, grad_loss)
     grad_input, grad_weight, grad_bias, denominator = ctx.saved_tensors
+    if grad_loss is None:  # only the gradient outputs were differentiated (gradcheck does): nothing flows back
+        return (None,) * 12
     scale = grad_loss
     if denominator is not None:
         # All rows ignored: the mean is 0 / 0 and its gradient zero (as PyTorch's), not 0 * inf.
