@@ -155,6 +155,7 @@ def linear_cross_entropy_with_grads(
         grad_logits = _CE.ls_cross_entropy_backward(unit, grad_lse, logits, t, weight, lse, mass, ignore_index,
                                                     label_smoothing, smoothing, softcap, _registration.REDUCTION_SUM)
         grads.add_chunk(start, grad_logits, x)
+        del grad_logits  # else it lives on while the next chunk's is computed: three chunks at once, not two
     if denominator is not None:
         total = total / denominator
     grads.finish()
@@ -264,6 +265,7 @@ def linear_cross_entropy_rows_backward(
                                                     weight, lse[start:end], mass, ignore_index, label_smoothing,
                                                     smoothing, softcap, _registration.REDUCTION_NONE)
         grads.add_chunk(start, grad_logits, x)
+        del grad_logits  # as above: two chunks at a time
     grads.finish()
     grad_bias = grads.bias if linear_bias is None else grads.bias.to(linear_bias.dtype)
     return grads.input, grads.weight.to(linear_weight.dtype), grad_bias
