@@ -30,7 +30,7 @@ WARMUP_STEPS = 1  # nothing here is compiled: one step to fault in memory and pi
 DEFAULT_REPEATS = {"cpu": 3, "cuda": 20}
 # The LLM heads of interest are N x H x V = 4096x2048x32000, 2048x4096x128256, 1024x2048x256000. A 2-core CPU
 # takes minutes per step at those, so its default divides N by 4 and sets H to 64 (fewer GEMM flops; the loss's
-# own cost, where fusion could lose time, weighs more), which runs in a few minutes. Smaller N means that the
+# own cost, where fusion could lose time, weighs more): about a second per step in fp32. Smaller N means that the
 # automatic chunks (at least 128 rows) hold a larger fraction of the logits; pass the full N with --shapes
 # (4096x64x32000,2048x64x128256,1024x64x256000) to see the memory fractions of the full shapes.
 DEFAULT_SHAPES = {
