@@ -13,7 +13,6 @@ import argparse
 import csv
 import functools
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -21,8 +20,7 @@ import torch.nn.functional as F
 
 import labelsmooth_ext
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_cross_entropy as common  # noqa: E402  (the clock, medians, peak memory and machine description)
+import bench_cross_entropy as common  # the clock, the medians, the CPU peak memory, the machine's description
 
 IGNORE_INDEX = -100
 IGNORED_ROW_STRIDE = 50  # every 50th row is ignored, as in bench_cross_entropy.py
