@@ -377,8 +377,8 @@ def test_opcheck(gen):
                                bias.detach(), t, weight, lse.detach(), ignore_index, 0.1, 1, 3.0, 2))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph(reduction, gen):
+@pytest.mark.parametrize("reduction, dynamic", [("mean", False), ("none", False), ("mean", True)])
+def test_compile_fullgraph(reduction, dynamic, gen):
     x, W, b, t, weight, ignore_index = make_case(gen, (3, 8), 8, 21, torch.float32, weighted=True)
 
     def step(x, W, b):
@@ -388,7 +388,7 @@ def test_compile_fullgraph(reduction, gen):
         return loss.sum()
 
     results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
+    for fn in (step, torch.compile(step, fullgraph=True, dynamic=dynamic)):
         leaves = [v.clone().requires_grad_() for v in (x, W, b)]
         loss = fn(*leaves)
         results.append((loss.detach(),) + torch.autograd.grad(loss, leaves))
