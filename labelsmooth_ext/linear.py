@@ -22,11 +22,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     * ``weight``, ``reduction``, ``ignore_index`` (None means -100, as in torch's), ``label_smoothing``,
       ``z_loss``, ``softcap``, ``smoothing``, ``normalizer``, ``return_lse``, ``return_z_loss``: as in
       ``labelsmooth_ext.cross_entropy``. Class weights cannot require grad here (an error says so).
-    * ``chunk_size``: rows per chunk, or None for automatic: a chunk's logits hold at most 32 MiB and at most
-      1/16 of the full logits, but at least 64 rows. At most one chunk of logits and one of their gradient exist
-      at a time, so smaller chunks hold less memory; larger chunks make the GEMMs wider (faster, up to the
-      machine's peak) and pay the per-chunk overhead less often. The result does not depend on it beyond
-      rounding.
+    * ``chunk_size``: rows per chunk, or None for automatic: 1/16 of the rows (the chunk of logits and the chunk
+      of their gradient then hold 1/8 of the full logits), at most 128 MiB of logits, but at least 128 rows. At
+      most one chunk of logits and one of their gradient exist at a time, so smaller chunks hold less memory;
+      larger chunks make the GEMMs wider (faster, up to the machine's peak) and pay the per-chunk overhead less
+      often. The result does not depend on it beyond rounding.
 
     Gradients reach ``input``, ``linear_weight`` and ``linear_bias``. With reduction "mean" or "sum" (and neither
     ``return_lse`` nor ``return_z_loss``), and when any of them requires grad, the gradients are computed in the
