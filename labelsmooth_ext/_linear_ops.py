@@ -308,4 +308,5 @@ def _no_double_backward(ctx, *grads):
 
 
 # Without this rule autograd would silently treat the backward op as constant (a wrong second derivative).
-linear_cross_entropy_rows_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+linear_cross_entropy_rows_backward.register_autograd(_no_double_backward,
+                                                     setup_context=lambda ctx, inputs, output: None)

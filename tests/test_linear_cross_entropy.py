@@ -19,14 +19,14 @@ accumulation dtype, gamma(n) = u (4 sqrt(n) + 32) as in conftest.py):
 * Gradient of the logits G = g_r (A_r p - a): conftest's bound (kernel arithmetic, rounding to the input
   dtype), plus the effect of dz on p: |dp_c| <= 2 p_c max delta, so |g_r| A_r p_rc 2 max_c delta_rc.
 * grad_input = G W (a GEMM over V, rounded to the input dtype, then scaled by the upstream gradient rounded
-  to the input dtype, and rounded again): T_G |W| + (gamma(V) + 3 u_in) |G| |W|. grad_linear_weight = G^T x summed over the rows,
-  per chunk rounded to the input dtype for bf16/fp16, accumulated in fp32, scaled and rounded once more:
+  to the input dtype, and rounded again): T_G |W| + (gamma(V) + 3 u_in) |G| |W|. grad_linear_weight = G^T x
+  summed over the rows, per chunk rounded to the input dtype for bf16/fp16, accumulated in fp32, scaled and
+  rounded once more:
   T_G^T |x| + (gamma(N) + 3 u_in) |G|^T |x|. grad_linear_bias likewise with x = 1.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -139,9 +139,10 @@ def make_case(gen, row_shape, features, classes, dtype, *, bias=True, weighted=F
 def check_against_reference(x, W, b, t, weight, ignore_index, reduction, eps, gen, chunk_size=None, **options):
     """Loss and the three gradients of linear_cross_entropy, within the derived tolerances of the reference."""
     leaves = [v.clone().requires_grad_() for v in (x, W) + ((b,) if b is not None else ())]
-    out = labelsmooth_ext.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2] if b is not None else None,
-                                               weight=weight, reduction=reduction, ignore_index=ignore_index,
-                                               label_smoothing=eps, chunk_size=chunk_size, **options)
+    bias = leaves[2] if b is not None else None
+    out = labelsmooth_ext.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=bias, weight=weight,
+                                               reduction=reduction, ignore_index=ignore_index, label_smoothing=eps,
+                                               chunk_size=chunk_size, **options)
     loss = out[0] if isinstance(out, tuple) else out
     assert loss.dtype == accumulation_dtype(x.dtype)
     assert loss.shape == (t.shape if reduction == "none" else ())
@@ -234,17 +235,27 @@ def test_chunk_rows_automatic():
 
 def test_chunk_size_does_not_change_the_result(gen):
     """Several chunk sizes (1 row, V not a multiple of anything, all rows in one chunk, automatic): each within the
-    derived tolerance of the reference, so any two within the sum of theirs; compared directly too."""
+    derived tolerance of the reference, so any two within the sum of theirs; compared directly too (loss and
+    gradients for a unit upstream gradient)."""
     x, W, b, t, weight, ignore_index = make_case(gen, (3, 23), 16, 67, torch.float32, weighted=True)
-    results = [check_against_reference(x, W, b, t, weight, ignore_index, "mean", 0.1, gen, chunk_size=chunk)
-               for chunk in (1, 7, 69, None)]
+    chunks = (1, 7, 69, None)
+    for chunk in chunks:
+        check_against_reference(x, W, b, t, weight, ignore_index, "mean", 0.1, gen, chunk_size=chunk)
+    results = []
+    for chunk in chunks:
+        leaves = [v.clone().requires_grad_() for v in (x, W, b)]
+        loss = labelsmooth_ext.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], weight=weight,
+                                                    ignore_index=ignore_index, label_smoothing=0.1, chunk_size=chunk)
+        results.append((loss.detach(),) + torch.autograd.grad(loss, leaves))
     rows_x, rows_t = x.reshape(-1, 16), t.reshape(-1)
     unit = torch.ones((), dtype=torch.float64)
     ref = reference(rows_x, W, b, rows_t, weight, ignore_index, "mean", 0.1, unit)
     loss_tol, x_tol, w_tol, b_tol = tolerances(rows_x, W, b, rows_t, weight, ignore_index, "mean", 0.1, unit, ref)
-    first_loss, _ = results[0]
-    for loss, _ in results[1:]:
-        assert_within(loss, first_loss, 2 * loss_tol, "loss across chunk sizes")
+    names = ("loss", "grad_input", "grad_linear_weight", "grad_linear_bias")
+    for chunk, result in zip(chunks[1:], results[1:]):
+        for name, value, first, tol in zip(names, result, results[0], (loss_tol, x_tol.reshape(x.shape), w_tol,
+                                                                       b_tol)):
+            assert_within(value, first, 2 * tol, f"{name}, chunk_size={chunk} vs 1")
 
 
 # ----------------------------------------------------------------------------------------------------
