@@ -185,7 +185,21 @@ def _valid_and_safe_targets(target: Tensor, ignore_index: int) -> tuple[Tensor, 
     """Rows to use, and targets in which ignored rows point at class 0 so that gathering logits or
     weights never uses the ignore value as an index."""
     valid = target != ignore_index
-    return valid, torch.where(valid, target, torch.zeros_like(target))
+    return valid, torch.where(valid, target, 0)
+
+
+def _checked_class_targets(target: Tensor, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """_valid_and_safe_targets of all rows, once every target is known to be a class index or ignore_index.
+    The safe targets' range settles that in one pass; only when it fails does the full check run, which
+    raises naming the bad value (and which is also what a compiled graph or a trace records)."""
+    valid, safe_target = _valid_and_safe_targets(target, ignore_index)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or safe_target.numel() == 0:
+        _validation.check_target_values(target, num_classes, ignore_index)
+    else:
+        low, high = torch.aminmax(safe_target)
+        if bool((low < 0) | (high >= num_classes)):
+            _validation.check_target_values(target, num_classes, ignore_index)
+    return valid, safe_target
 
 
 def _target_offsets(safe_target: Tensor, num_classes: int) -> Tensor:
@@ -211,24 +225,26 @@ def row_weights(input: Tensor, target: Tensor, weight: Tensor | None, ignore_ind
     return torch.where(valid, w, torch.zeros_like(w))
 
 
-def _mean_denominator(probability: bool, target: Tensor, weight: Tensor | None, ignore_index: int,
-                      dtype: torch.dtype) -> Tensor | int:
+def _mean_denominator(probability: bool, target: Tensor, classes: tuple[Tensor, Tensor] | None,
+                      weight: Tensor | None, dtype: torch.dtype) -> Tensor | int:
     """What 'mean' divides by: the number of rows for probability targets; otherwise the sum of w[y]
-    over valid rows (their count without weights), which is 0 when all rows are ignored and makes
-    the mean NaN as in PyTorch."""
+    over valid rows (their count without weights; `classes` is (valid, safe_target)), which is 0 when all
+    rows are ignored and makes the mean NaN as in PyTorch."""
     if probability:
         return target.numel() // target.shape[-1]
-    valid, safe_target = _valid_and_safe_targets(target, ignore_index)
+    valid, safe_target = classes
     w_target = _target_weights(safe_target, weight, dtype)
-    return _sum_all(torch.where(valid, w_target, torch.zeros_like(w_target)))
+    return _sum_all(torch.where(valid, w_target, 0.0))
 
 
-def _class_index_rows(target: Tensor, weight: Tensor | None, ignore_index: int,
-                      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(valid, safe_target, w_target) of a chunk's class-index rows (see _valid_and_safe_targets); w_target is
-    None without class weights (all 1: no per-row op needed)."""
-    valid, safe_target = _valid_and_safe_targets(target, ignore_index)
-    return valid, safe_target, None if weight is None else _target_weights(safe_target, weight, dtype)
+def _chunk_class_targets(classes: tuple[Tensor, Tensor], index: tuple) -> tuple[Tensor, Tensor]:
+    """(valid, safe_target) of the chunk of rows that `index` selects, flat."""
+    return tuple(rows[index].reshape(-1) for rows in classes)
+
+
+def _target_weights_or_none(safe_target: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """w[y] per row, or None without class weights (all 1: no per-row op needed)."""
+    return None if weight is None else _target_weights(safe_target, weight, dtype)
 
 
 def _class_index_loss(valid: Tensor, w_target: Tensor | None, lse: Tensor, target_nll: Tensor, smoothing_sum,
@@ -247,10 +263,10 @@ def _class_index_loss(valid: Tensor, w_target: Tensor | None, lse: Tensor, targe
     return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
 
 
-def _class_index_chunk_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+def _class_index_chunk_forward(logits: Tensor, valid: Tensor, safe_target: Tensor, weight: Tensor | None,
                                eps: float, scratch: Tensor) -> tuple[Tensor, Tensor]:
     num_classes = logits.shape[1]
-    valid, safe_target, w_target = _class_index_rows(target, weight, ignore_index, logits.dtype)
+    w_target = _target_weights_or_none(safe_target, weight, logits.dtype)
     log_probs, lse = _log_softmax_and_lse(logits, scratch)
     target_nll = log_probs.view(-1).take(_target_offsets(safe_target, num_classes)).neg_()
     return _class_index_loss(valid, w_target, lse, target_nll, lambda: _weighted_row_sums(log_probs, weight).neg_(),
@@ -261,12 +277,12 @@ def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
     return float(num_classes) if weight is None else _sum_all(weight)
 
 
-def _class_index_chunk_forward_class_major(block: Tensor, target: Tensor, weight: Tensor | None,
-                                           ignore_index: int, eps: float, softcap: float | None,
+def _class_index_chunk_forward_class_major(block: Tensor, valid: Tensor, safe_target: Tensor,
+                                           weight: Tensor | None, eps: float, softcap: float | None,
                                            buffers: _ChunkBuffers) -> tuple[Tensor, Tensor]:
     num_classes = block.shape[-1]
     logits = _class_major_rows(block, softcap, buffers)
-    valid, safe_target, w_target = _class_index_rows(target, weight, ignore_index, logits.dtype)
+    w_target = _target_weights_or_none(safe_target, weight, logits.dtype)
     scratch = None if weight is None or eps == 0 else buffers.matrix("weighted", *logits.shape)
     lse, target_nll, smoothing_sum = _class_major.forward_parts(
         logits, safe_target, weight, _weight_total(weight, num_classes), eps > 0, scratch)
@@ -330,10 +346,10 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
     acc, class_dim, num_classes, class_last, row_shape, acc_weight, probability = _problem(input, target, weight)
     eps = uniform_smoothing(label_smoothing, smoothing, num_classes)
     if probability:
-        target_source = target.movedim(class_dim, -1)
+        target_source, classes = target.movedim(class_dim, -1), None
     else:
         target_source = target.to(torch.int64)
-        _validation.check_target_values(target_source, num_classes, ignore_index)
+        classes = _checked_class_targets(target_source, num_classes, ignore_index)
 
     loss_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
     lse_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
@@ -345,8 +361,8 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
     for index in chunks:
         chunk_row_shape = loss_rows[index].shape
         if class_major:
-            loss, lse = _class_index_chunk_forward_class_major(class_last[index], target_source[index].reshape(-1),
-                                                               acc_weight, ignore_index, eps, softcap, buffers)
+            loss, lse = _class_index_chunk_forward_class_major(class_last[index], *_chunk_class_targets(classes, index),
+                                                               acc_weight, eps, softcap, buffers)
         else:
             logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
             scratch = buffers.scratch_for(logits, owned)
@@ -355,8 +371,8 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
                                                              buffers)
                 mass_rows[index].copy_(mass.view(chunk_row_shape))
             else:
-                loss, lse = _class_index_chunk_forward(logits, target_source[index].reshape(-1), acc_weight,
-                                                       ignore_index, eps, scratch)
+                loss, lse = _class_index_chunk_forward(logits, *_chunk_class_targets(classes, index), acc_weight,
+                                                       eps, scratch)
         loss_rows[index].copy_(loss.view(chunk_row_shape))
         lse_rows[index].copy_(lse.view(chunk_row_shape))
 
@@ -364,7 +380,7 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
         return loss_rows, lse_rows, mass_rows
     total = _sum_all(loss_rows)
     if reduction == _REDUCTION_MEAN:
-        total = total / _mean_denominator(probability, target_source, acc_weight, ignore_index, acc)
+        total = total / _mean_denominator(probability, target_source, classes, acc_weight, acc)
     return total, lse_rows, mass_rows
 
 
@@ -378,9 +394,9 @@ class _GradScales(NamedTuple):
     safe_target: Tensor
 
 
-def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, target: Tensor, upstream: Tensor,
-                             weight: Tensor | None, ignore_index: int, eps: float, num_classes: int) -> _GradScales:
-    valid, safe_target, w_target = _class_index_rows(target, weight, ignore_index, upstream.dtype)
+def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor, safe_target: Tensor,
+                             upstream: Tensor, weight: Tensor | None, eps: float, num_classes: int) -> _GradScales:
+    w_target = _target_weights_or_none(safe_target, weight, upstream.dtype)
     smooth = eps / num_classes
     # Ignored rows get all-zero scales (their upstream may be inf: a mean over zero rows) and p = exp(z - inf)
     # = 0, so their gradient is zero without a pass of its own.
@@ -455,10 +471,11 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
     acc, class_dim, num_classes, class_last, row_shape, acc_weight, probability = _problem(input, target, weight)
     eps = uniform_smoothing(label_smoothing, smoothing, num_classes)
     target_source = target.movedim(class_dim, -1) if probability else target.to(torch.int64)
+    classes = None if probability else _valid_and_safe_targets(target_source, ignore_index)
     # The upstream gradient of every row: grad_loss itself for 'none', one value for 'sum' and 'mean'.
     upstream_rows = grad_loss.to(acc)
     if reduction == _REDUCTION_MEAN:
-        denominator = _mean_denominator(probability, target_source, acc_weight, ignore_index, acc)
+        denominator = _mean_denominator(probability, target_source, classes, acc_weight, acc)
         upstream_rows = upstream_rows / denominator
     upstream_rows = upstream_rows.expand(row_shape)
     acc_lse = lse.to(acc)
@@ -476,8 +493,7 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
         upstream = upstream_rows[index].reshape(-1)
         chunk_out = grad_class_last[index]
         scales = None if probability else _class_index_grad_scales(
-            chunk_lse, chunk_grad_lse, target_source[index].reshape(-1), upstream, acc_weight, ignore_index, eps,
-            num_classes)
+            chunk_lse, chunk_grad_lse, *_chunk_class_targets(classes, index), upstream, acc_weight, eps, num_classes)
         if class_major:
             _class_index_chunk_backward_class_major(class_last[index], scales, acc_weight, softcap, buffers, chunk_out)
             continue
