@@ -159,4 +159,4 @@ def local_gradient(grad_loss, local_logits, weight, saved_forward, saved_merge, 
     row_index = torch.arange(lse.shape[0], device=grad.device)
     at_target = grad[row_index, safe_local].to(lse.dtype)
     corrected = torch.where(owned, at_target - target_scale, at_target)
-    return grad.index_put((row_index, safe_local), corrected.to(grad.dtype))
+    return grad.index_put_((row_index, safe_local), corrected.to(grad.dtype))  # the op's fresh output

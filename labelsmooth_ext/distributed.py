@@ -22,7 +22,8 @@ __all__ = ["vocab_parallel_cross_entropy"]
 # instead of hanging or mixing mismatched tensors in the all-gather.
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# (Both are missing where torch is built without distributed support: the loss then says so when called.)
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 def all_gather(tensor, group):
@@ -133,6 +134,10 @@ def vocab_parallel_cross_entropy(local_logits, target, *, group=None, vocab_star
     if weight is not None and weight.requires_grad:
         raise NotImplementedError("vocab_parallel_cross_entropy: the class weights are not differentiable here; "
                                   "pass weight.detach()")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_cross_entropy needs an initialized process group: call "
+                           "torch.distributed.init_process_group first (torchrun sets up its environment)"
+                           + ("" if dist.is_available() else "; this torch is built without torch.distributed"))
     if group is None:
         group = dist.group.WORLD
     starts, sizes = shard_layout(local_logits, vocab_start, weight is not None, group)
