@@ -3,8 +3,8 @@
     torchrun --nproc-per-node 2 examples/vocab_parallel.py
 
 Each rank holds a slice of an output layer's classes (uneven here: the vocabulary does not divide evenly) and
-computes the loss of the whole vocabulary with labelsmooth_ext.distributed.vocab_parallel_cross_entropy; rank 0
-then checks it, and the gradient, against labelsmooth_ext.cross_entropy on the gathered logits. A second part
+computes the loss of the whole vocabulary with labelsmooth_ext.distributed.vocab_parallel_cross_entropy, and
+checks it, and the gradient, against labelsmooth_ext.cross_entropy on the whole vocabulary's logits. A second part
 does the same through a DTensor sharded over the classes and the ordinary cross_entropy call.
 """
 
@@ -42,6 +42,8 @@ def main():
     check_weight = full_weight.clone().requires_grad_()
     expected = labelsmooth_ext.cross_entropy(hidden @ check_weight.T, target, label_smoothing=EPS)
     expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(local_weight.grad, check_weight.grad[start:start + sizes[rank]])
     grad_error = (local_weight.grad - check_weight.grad[start:start + sizes[rank]]).abs().max()
     losses = [torch.zeros(()) for _ in range(ranks)]
     dist.all_gather(losses, loss.detach())
@@ -55,6 +57,7 @@ def main():
     mesh = init_device_mesh("cpu", (ranks,))
     sharded = distribute_tensor(hidden @ full_weight.T, mesh, [Shard(1)])
     dtensor_loss = labelsmooth_ext.cross_entropy(sharded, target, label_smoothing=EPS)
+    torch.testing.assert_close(dtensor_loss.full_tensor(), expected.detach())
     if rank == 0:
         print(f"DTensor: loss {dtensor_loss.full_tensor().item():.6f}, placements {dtensor_loss.placements}")
     dist.destroy_process_group()

@@ -372,3 +372,19 @@ def test_rank_local_parts_compile(gen):
     compiled_loss, _ = merge(*merge_args)
     assert_within(compiled_loss, eager_loss, 64 * u * (1.0 + eager_loss.abs()), "compiled merge")
     assert math.isfinite(float(eager_loss))
+
+
+def test_torchrun_example_runs():
+    """The README's two-process example (it checks loss and gradient against the single-process loss itself)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(root / "examples" / "vocab_parallel.py")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "same bits on every rank: True" in done.stdout, done.stdout
