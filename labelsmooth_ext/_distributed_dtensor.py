@@ -5,17 +5,18 @@ vocab_parallel_cross_entropy over the mesh's process group. The result is what t
 on such a mesh: a DTensor replicated on every rank; the logits' gradient is sharded like the logits.
 """
 
+import sys
+
 import torch
 
 
 def is_dtensor(value):
-    """Whether value is a DTensor, without importing torch.distributed.tensor for plain tensors (nothing can be
-    a DTensor before that module is imported)."""
-    if type(value) is torch.Tensor or not torch.distributed.is_available():
+    """Whether value is a DTensor, without importing torch.distributed.tensor (a second's work): nothing can be a
+    DTensor before that module is imported."""
+    if type(value) is torch.Tensor:
         return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def _replicated_local(value, what):

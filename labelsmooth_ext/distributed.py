@@ -3,7 +3,7 @@
 Each rank of a process group holds the logits of a contiguous slice of the classes; the loss is that of the
 gathered logits, identical to the last bit on every rank, and each rank gets its slice of the gradient. One
 all-gather of a few numbers per row does it (see _distributed_local.py for the math); the backward needs no
-collective. Works on any backend with all_gather_into_tensor (NCCL, gloo).
+collective. Works on any backend that implements all_gather_single (NCCL, gloo).
 
     from labelsmooth_ext.distributed import vocab_parallel_cross_entropy
     loss = vocab_parallel_cross_entropy(local_logits, target, label_smoothing=0.1)
