@@ -141,7 +141,8 @@ def local_gradient(grad_loss, local_logits, weight, saved_forward, saved_merge, 
     through the backward op with label_smoothing 1 on the local classes (it computes
     prob_scale p_j - smooth_scale w_j with prob_scale = g' W_r / V_r + grad_lse', smooth_scale = g' / V_r): with
     g' = g eps V_r / K and grad_lse' = g ((1 - eps) w_y + eps (W - W_r) / K) + grad_lse that is every term but the
-    target's -g (1 - eps) w_y, subtracted afterwards on the rank that owns y (times the softcap's derivative)."""
+    target's -g (1 - eps) w_y, subtracted afterwards on the rank that owns y (times the softcap's derivative). That
+    one element per row is thus rounded to the logits' dtype twice (the op's value, then the corrected one)."""
     z_target, owned, safe_local, op_target = saved_forward
     lse, w_target, weight_total = saved_merge
     local_classes = local_logits.shape[1]
