@@ -39,8 +39,9 @@ def forward_parts(logits: Tensor, safe_target: Tensor, weight: Tensor | None, we
 
 
 def probabilities(block: Tensor, logits: Tensor | None, lse: Tensor, out: Tensor) -> Tensor:
-    """p = exp(z - lse) of a chunk as a (K, rows) matrix in `out`: from `logits`, the chunk already in
-    class-major form (capped), or else read straight from the class-last `block` (of out's dtype)."""
+    """p = exp(z - lse) of a chunk as a (K, rows) matrix in `out` (which may be `logits`): from `logits`, the
+    chunk already in class-major form (capped), or else read straight from the class-last `block` (of out's
+    dtype)."""
     source = block.movedim(-1, 0) if logits is None else logits.view(-1, *block.shape[:-1])
     return torch.sub(source, lse.view(block.shape[:-1]), out=out.view(source.shape)).exp_().view(out.shape)
 

@@ -103,19 +103,19 @@ class _ChunkBuffers:
     fresh pages every time."""
 
     def __init__(self, largest_chunk: int, dtype: torch.dtype, device: torch.device):
-        self._size, self._dtype, self._device = largest_chunk, dtype, device
+        self._size, self.dtype, self._device = largest_chunk, dtype, device
         self._storage: dict[str, Tensor] = {}
 
     def matrix(self, name: str, rows: int, num_classes: int) -> Tensor:
         if name not in self._storage:
-            self._storage[name] = torch.empty(self._size, dtype=self._dtype, device=self._device)
+            self._storage[name] = torch.empty(self._size, dtype=self.dtype, device=self._device)
         return self._storage[name][: rows * num_classes].view(rows, num_classes)
 
     def rows_of(self, block: Tensor, num_classes: int) -> tuple[Tensor, bool]:
         """(matrix, owned): a class-last chunk of the logits as a (rows, classes) matrix in the accumulation
         dtype -- the chunk itself where it already is one, else a copy in this call's buffer, which is then
         `owned`: later passes may overwrite it (ops mixing dtypes would allocate a converted copy each time)."""
-        if block.dtype == self._dtype and block.is_contiguous():
+        if block.dtype == self.dtype and block.is_contiguous():
             return block.reshape(-1, num_classes), False
         rows = block.numel() // num_classes if num_classes else 0
         matrix = self.matrix("logits", rows, num_classes)
@@ -430,15 +430,18 @@ def _class_index_chunk_backward(logits: Tensor, scales: _GradScales, weight: Ten
 def _class_index_chunk_backward_class_major(block: Tensor, scales: _GradScales, weight: Tensor | None,
                                             softcap: float | None, buffers: _ChunkBuffers, out: Tensor) -> None:
     """The gradient of a chunk of few classes (_reference_class_major.py) into `out`, its class-last slice."""
-    num_classes = block.shape[-1]
-    probs = buffers.matrix("probs", num_classes, block.numel() // num_classes)
-    if softcap is None and block.dtype == probs.dtype:
-        _class_major.probabilities(block, None, scales.lse, probs)
+    num_classes, rows = block.shape[-1], block.numel() // block.shape[-1]
+    if softcap is None and block.dtype == buffers.dtype:  # read straight from the block, transposing
+        probs = _class_major.probabilities(block, None, scales.lse, buffers.matrix("logits", num_classes, rows))
         derivative = None
-    else:
+    elif softcap is None:  # converted into the buffer first, then overwritten by p
+        logits = _class_major_rows(block, None, buffers)
+        probs = _class_major.probabilities(block, logits, scales.lse, logits)
+        derivative = None
+    else:  # the capped logits live on for the chain rule through the tanh
         logits = _class_major_rows(block, softcap, buffers)
-        _class_major.probabilities(block, logits, scales.lse, probs)
-        derivative = None if softcap is None else _softcap_derivative(logits, softcap)
+        probs = _class_major.probabilities(block, logits, scales.lse, buffers.matrix("probs", num_classes, rows))
+        derivative = _softcap_derivative(logits, softcap)
     _class_major.write_gradient(probs, scales.prob_scale, scales.smooth_scale, scales.target_scale,
                                 scales.safe_target, weight, derivative, out)
 
