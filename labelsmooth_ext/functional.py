@@ -5,7 +5,7 @@ an external normaliser)."""
 import torch
 from torch.nn import _reduction as _legacy_reduction
 
-from . import _functorch, _validation, reference
+from . import _distributed_dtensor, _functorch, _validation, reference
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
@@ -53,6 +53,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
+    if _distributed_dtensor.is_dtensor(input):  # logits sharded over the classes: the vocabulary-parallel loss
+        return _distributed_dtensor.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
+            smoothing=smoothing, normalizer=normalizer, return_lse=return_lse, return_z_loss=return_z_loss)
     ignore_index = _validation.check_ignore_index(ignore_index)
     label_smoothing = _validation.check_label_smoothing(label_smoothing)
     code = _validation.reduction_code(reduction)

@@ -9,16 +9,21 @@ moved last only inside the chunk, so the N x K temporaries never exceed one chun
 size, and large inputs are never copied whole. Each chunk goes through PyTorch's fused, vectorized
 (log-)softmax kernels and a few in-place passes over buffers that are allocated once per call and stay
 in the last-level cache, which is what makes this as fast as eager ``F.cross_entropy`` while holding far
-less memory. Only tensor ops are used, so this also traces under torch.compile and runs on any device.
+less memory. Rows of few classes (image classification's 10 or 100) go class-major instead
+(_reference_class_major.py): there every pass is vectorized across rows rather than along rows too
+short to vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any
+device.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from . import _reference_class_major as _class_major
 from . import _validation
 
 __all__ = ["CHUNK_LOGITS", "ls_cross_entropy_forward", "ls_cross_entropy_backward"]
@@ -28,6 +33,14 @@ __all__ = ["CHUNK_LOGITS", "ls_cross_entropy_forward", "ls_cross_entropy_backwar
 # last-level cache, and that the one or two buffers of a call stay below the N x K temporaries of eager
 # cross_entropy.
 CHUNK_LOGITS = 1 << 20
+
+# ...and at most a quarter of the call's logits, down to this floor: the buffers of a small call then stay
+# well below eager's N x K temporaries too, while the chunks stay large enough to amortise the per-op cost.
+_MIN_CHUNK_LOGITS = 1 << 16
+
+# Rows of at most this many classes are processed class-major (see the module docstring): below it, the
+# per-row reductions of the row-major path cost more than transposing the chunk into the buffer.
+CLASS_MAJOR_MAX_CLASSES = 32
 
 # ATen sums a single long reduction (one output, over 32768 elements) in per-thread pieces grouped by
 # the thread count, but several outputs each serially. Such sums are therefore taken over blocks of
@@ -51,23 +64,29 @@ def _is_probability_target(input: Tensor, target: Tensor) -> bool:
     return target.shape == input.shape and target.is_floating_point()
 
 
+def _chunk_limit(total_logits: int) -> int:
+    """Most logits in a chunk of a call with this many logits."""
+    return min(CHUNK_LOGITS, max(_MIN_CHUNK_LOGITS, -(-total_logits // 4)))
+
+
 def _row_chunks(row_shape: tuple[int, ...], num_classes: int) -> list[tuple]:
     """Index tuples into a (*row_shape, ...) tensor, each selecting consecutive rows (in row order)
-    that hold at most CHUNK_LOGITS logits, or a single row when one row is larger than that.
+    that hold at most _chunk_limit logits, or a single row when one row is larger than that.
 
     Indexing the original dims (instead of flattening the rows) keeps every chunk a view of the
     input, whatever its strides."""
     chunks: list[tuple] = []
     if num_classes == 0:  # no logits to read (all rows are ignored; the caller checked the targets)
         return chunks
+    limit = _chunk_limit(math.prod(row_shape) * num_classes)
 
     def split(prefix: tuple, dims: tuple[int, ...]) -> None:
-        if not dims or math.prod(dims) * num_classes <= CHUNK_LOGITS:
+        if not dims or math.prod(dims) * num_classes <= limit:
             chunks.append(prefix)
             return
         slice_logits = math.prod(dims[1:]) * num_classes
-        if slice_logits <= CHUNK_LOGITS:
-            step = CHUNK_LOGITS // slice_logits
+        if slice_logits <= limit:
+            step = limit // slice_logits
             for start in range(0, dims[0], step):
                 chunks.append(prefix + (slice(start, min(start + step, dims[0])),))
         else:
@@ -84,19 +103,19 @@ class _ChunkBuffers:
     fresh pages every time."""
 
     def __init__(self, largest_chunk: int, dtype: torch.dtype, device: torch.device):
-        self._size, self._dtype, self._device = largest_chunk, dtype, device
+        self._size, self.dtype, self._device = largest_chunk, dtype, device
         self._storage: dict[str, Tensor] = {}
 
     def matrix(self, name: str, rows: int, num_classes: int) -> Tensor:
         if name not in self._storage:
-            self._storage[name] = torch.empty(self._size, dtype=self._dtype, device=self._device)
+            self._storage[name] = torch.empty(self._size, dtype=self.dtype, device=self._device)
         return self._storage[name][: rows * num_classes].view(rows, num_classes)
 
     def rows_of(self, block: Tensor, num_classes: int) -> tuple[Tensor, bool]:
         """(matrix, owned): a class-last chunk of the logits as a (rows, classes) matrix in the accumulation
         dtype -- the chunk itself where it already is one, else a copy in this call's buffer, which is then
         `owned`: later passes may overwrite it (ops mixing dtypes would allocate a converted copy each time)."""
-        if block.dtype == self._dtype and block.is_contiguous():
+        if block.dtype == self.dtype and block.is_contiguous():
             return block.reshape(-1, num_classes), False
         rows = block.numel() // num_classes if num_classes else 0
         matrix = self.matrix("logits", rows, num_classes)
@@ -166,7 +185,21 @@ def _valid_and_safe_targets(target: Tensor, ignore_index: int) -> tuple[Tensor, 
     """Rows to use, and targets in which ignored rows point at class 0 so that gathering logits or
     weights never uses the ignore value as an index."""
     valid = target != ignore_index
-    return valid, torch.where(valid, target, torch.zeros_like(target))
+    return valid, torch.where(valid, target, 0)
+
+
+def _checked_class_targets(target: Tensor, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """_valid_and_safe_targets of all rows, once every target is known to be a class index or ignore_index.
+    The safe targets' range settles that in one pass; only when it fails does the full check run, which
+    raises naming the bad value (and which is also what a compiled graph or a trace records)."""
+    valid, safe_target = _valid_and_safe_targets(target, ignore_index)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or safe_target.numel() == 0:
+        _validation.check_target_values(target, num_classes, ignore_index)
+    else:
+        low, high = torch.aminmax(safe_target)
+        if bool((low < 0) | (high >= num_classes)):
+            _validation.check_target_values(target, num_classes, ignore_index)
+    return valid, safe_target
 
 
 def _target_offsets(safe_target: Tensor, num_classes: int) -> Tensor:
@@ -192,32 +225,68 @@ def row_weights(input: Tensor, target: Tensor, weight: Tensor | None, ignore_ind
     return torch.where(valid, w, torch.zeros_like(w))
 
 
-def _mean_denominator(probability: bool, target: Tensor, weight: Tensor | None, ignore_index: int,
-                      dtype: torch.dtype) -> Tensor | int:
+def _mean_denominator(probability: bool, target: Tensor, classes: tuple[Tensor, Tensor] | None,
+                      weight: Tensor | None, dtype: torch.dtype) -> Tensor | int:
     """What 'mean' divides by: the number of rows for probability targets; otherwise the sum of w[y]
-    over valid rows (their count without weights), which is 0 when all rows are ignored and makes
-    the mean NaN as in PyTorch."""
+    over valid rows (their count without weights; `classes` is (valid, safe_target)), which is 0 when all
+    rows are ignored and makes the mean NaN as in PyTorch."""
     if probability:
         return target.numel() // target.shape[-1]
-    valid, safe_target = _valid_and_safe_targets(target, ignore_index)
+    valid, safe_target = classes
     w_target = _target_weights(safe_target, weight, dtype)
-    return _sum_all(torch.where(valid, w_target, torch.zeros_like(w_target)))
+    return _sum_all(torch.where(valid, w_target, 0.0))
 
 
-def _class_index_chunk_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                               eps: float, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    # loss = (1-eps) w_y (lse - z_y) + (eps/K) sum_c w_c (lse - z_c), with lse - z_c = -log_softmax(z)_c: the
-    # sum of log-probabilities has no cancellation (unlike S - K lse) and no underflow (it is not log(softmax)).
-    num_classes = logits.shape[1]
-    valid, safe_target = _valid_and_safe_targets(target, ignore_index)
-    log_probs, lse = _log_softmax_and_lse(logits, scratch)
-    w_target = _target_weights(safe_target, weight, logits.dtype)
-    loss = -(1.0 - eps) * w_target * log_probs.view(-1).take(_target_offsets(safe_target, num_classes))
+def _chunk_class_targets(classes: tuple[Tensor, Tensor], index: tuple) -> tuple[Tensor, Tensor]:
+    """(valid, safe_target) of the chunk of rows that `index` selects, flat."""
+    return tuple(rows[index].reshape(-1) for rows in classes)
+
+
+def _target_weights_or_none(safe_target: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """w[y] per row, or None without class weights (all 1: no per-row op needed)."""
+    return None if weight is None else _target_weights(safe_target, weight, dtype)
+
+
+def _class_index_loss(valid: Tensor, w_target: Tensor | None, lse: Tensor, target_nll: Tensor, smoothing_sum,
+                      eps: float, num_classes: int) -> tuple[Tensor, Tensor]:
+    """(loss, lse) of a chunk's rows, 0 for ignored ones, from -log p_y (target_nll) and, called only when
+    eps > 0, smoothing_sum() = sum_c w_c (-log p_c).
+
+    loss = (1-eps) w_y (lse - z_y) + (eps/K) sum_c w_c (lse - z_c), with lse - z_c = -log p_c: summed as such
+    it has no cancellation (unlike S - K lse) and no underflow (it is not log(softmax))."""
+    loss = target_nll * (1.0 - eps)
+    if w_target is not None:
+        loss = loss.mul_(w_target)
     # eps == 0 skips the smoothing term, as PyTorch does: it would turn a -inf logit into NaN.
     if eps > 0:
-        loss = loss - (eps / num_classes) * _weighted_row_sums(log_probs, weight)
-    zero = torch.zeros_like(lse)
-    return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
+        loss = loss.add_(smoothing_sum(), alpha=eps / num_classes)
+    return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
+
+
+def _class_index_chunk_forward(logits: Tensor, valid: Tensor, safe_target: Tensor, weight: Tensor | None,
+                               eps: float, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    num_classes = logits.shape[1]
+    w_target = _target_weights_or_none(safe_target, weight, logits.dtype)
+    log_probs, lse = _log_softmax_and_lse(logits, scratch)
+    target_nll = log_probs.view(-1).take(_target_offsets(safe_target, num_classes)).neg_()
+    return _class_index_loss(valid, w_target, lse, target_nll, lambda: _weighted_row_sums(log_probs, weight).neg_(),
+                             eps, num_classes)
+
+
+def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
+    return float(num_classes) if weight is None else _sum_all(weight)
+
+
+def _class_index_chunk_forward_class_major(block: Tensor, valid: Tensor, safe_target: Tensor,
+                                           weight: Tensor | None, eps: float, softcap: float | None,
+                                           buffers: _ChunkBuffers) -> tuple[Tensor, Tensor]:
+    num_classes = block.shape[-1]
+    logits = _class_major_rows(block, softcap, buffers)
+    w_target = _target_weights_or_none(safe_target, weight, logits.dtype)
+    scratch = None if weight is None or eps == 0 else buffers.matrix("weighted", *logits.shape)
+    lse, target_nll, smoothing_sum = _class_major.forward_parts(
+        logits, safe_target, weight, _weight_total(weight, num_classes), eps > 0, scratch)
+    return _class_index_loss(valid, w_target, lse, target_nll, lambda: smoothing_sum, eps, num_classes)
 
 
 def _smoothed_weighted_target(target: Tensor, weight: Tensor | None, eps: float, out: Tensor) -> Tensor:
@@ -247,6 +316,15 @@ def _capped_rows(block: Tensor, num_classes: int, softcap: float | None,
     return _softcapped(logits, softcap, buffers.scratch_for(logits, owned)), True
 
 
+def _class_major_rows(block: Tensor, softcap: float | None, buffers: _ChunkBuffers) -> Tensor:
+    """A class-last chunk as the loss reads it, transposed into a (K, rows) matrix of the call's buffer
+    (_reference_class_major.py)."""
+    num_classes = block.shape[-1]
+    matrix = buffers.matrix("logits", num_classes, block.numel() // num_classes)
+    matrix.view(num_classes, *block.shape[:-1]).copy_(block.movedim(-1, 0))
+    return matrix if softcap is None else _softcapped(matrix, softcap, matrix)
+
+
 def _problem(input: Tensor, target: Tensor, weight: Tensor | None):
     """What both ops need to know about their arguments: the accumulation dtype, the class dim and
     count, the logits with the class dim last (a view), the row shape, the weights in the accumulation
@@ -268,10 +346,10 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
     acc, class_dim, num_classes, class_last, row_shape, acc_weight, probability = _problem(input, target, weight)
     eps = uniform_smoothing(label_smoothing, smoothing, num_classes)
     if probability:
-        target_source = target.movedim(class_dim, -1)
+        target_source, classes = target.movedim(class_dim, -1), None
     else:
         target_source = target.to(torch.int64)
-        _validation.check_target_values(target_source, num_classes, ignore_index)
+        classes = _checked_class_targets(target_source, num_classes, ignore_index)
 
     loss_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
     lse_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
@@ -279,17 +357,22 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
     chunks = _row_chunks(row_shape, num_classes)
     largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
     buffers = _ChunkBuffers(largest, acc, input.device)
+    class_major = not probability and num_classes <= CLASS_MAJOR_MAX_CLASSES
     for index in chunks:
-        logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
-        scratch = buffers.scratch_for(logits, owned)
         chunk_row_shape = loss_rows[index].shape
-        if probability:
-            loss, lse, mass = _probability_chunk_forward(logits, target_source[index], acc_weight, eps, scratch,
-                                                         buffers)
-            mass_rows[index].copy_(mass.view(chunk_row_shape))
+        if class_major:
+            loss, lse = _class_index_chunk_forward_class_major(class_last[index], *_chunk_class_targets(classes, index),
+                                                               acc_weight, eps, softcap, buffers)
         else:
-            chunk_target = target_source[index].reshape(-1)
-            loss, lse = _class_index_chunk_forward(logits, chunk_target, acc_weight, ignore_index, eps, scratch)
+            logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
+            scratch = buffers.scratch_for(logits, owned)
+            if probability:
+                loss, lse, mass = _probability_chunk_forward(logits, target_source[index], acc_weight, eps, scratch,
+                                                             buffers)
+                mass_rows[index].copy_(mass.view(chunk_row_shape))
+            else:
+                loss, lse = _class_index_chunk_forward(logits, *_chunk_class_targets(classes, index), acc_weight,
+                                                       eps, scratch)
         loss_rows[index].copy_(loss.view(chunk_row_shape))
         lse_rows[index].copy_(lse.view(chunk_row_shape))
 
@@ -297,38 +380,77 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
         return loss_rows, lse_rows, mass_rows
     total = _sum_all(loss_rows)
     if reduction == _REDUCTION_MEAN:
-        total = total / _mean_denominator(probability, target_source, acc_weight, ignore_index, acc)
+        total = total / _mean_denominator(probability, target_source, classes, acc_weight, acc)
     return total, lse_rows, mass_rows
 
 
-def _class_index_chunk_backward(logits: Tensor, lse: Tensor, grad_lse: Tensor | None, target: Tensor,
-                                upstream: Tensor, weight: Tensor | None, ignore_index: int, eps: float,
-                                scratch: Tensor, out: Tensor) -> Tensor:
-    num_classes = logits.shape[1]
-    valid, safe_target = _valid_and_safe_targets(target, ignore_index)
-    w_target = _target_weights(safe_target, weight, scratch.dtype)
-    weight_total = float(num_classes) if weight is None else _sum_all(weight)
+class _GradScales(NamedTuple):
+    """Per-row constants of the class-index gradient of a chunk: dL/dz_j = prob_scale * p_j - smooth_scale * w_j
+    - [j = y] * target_scale (smooth_scale None when eps = 0), with p_j = exp(z_j - lse)."""
+    lse: Tensor
+    prob_scale: Tensor
+    smooth_scale: Tensor | None
+    target_scale: Tensor
+    safe_target: Tensor
+
+
+def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor, safe_target: Tensor,
+                             upstream: Tensor, weight: Tensor | None, eps: float, num_classes: int) -> _GradScales:
+    w_target = _target_weights_or_none(safe_target, weight, upstream.dtype)
     smooth = eps / num_classes
     # Ignored rows get all-zero scales (their upstream may be inf: a mean over zero rows) and p = exp(z - inf)
     # = 0, so their gradient is zero without a pass of its own.
-    zero = torch.zeros_like(upstream)
-    upstream = torch.where(valid, upstream, zero)
-    lse = torch.where(valid, lse, torch.full_like(lse, math.inf))
-    # dL/dz_j = prob_scale * p_j - smooth_scale * w_j - [j = y] * target_scale; a gradient reaching lse
-    # (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
-    prob_scale = upstream * ((1.0 - eps) * w_target + smooth * weight_total)
+    upstream = torch.where(valid, upstream, 0.0)
+    lse = torch.where(valid, lse, math.inf)
+    smooth_mass = smooth * _weight_total(weight, num_classes)
+    if w_target is None:
+        target_scale, prob_scale = upstream * (1.0 - eps), upstream * ((1.0 - eps) + smooth_mass)
+    else:
+        target_scale, prob_scale = upstream * ((1.0 - eps) * w_target), upstream * ((1.0 - eps) * w_target + smooth_mass)
+    # A gradient reaching lse (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
     if grad_lse is not None:
-        prob_scale = prob_scale + torch.where(valid, grad_lse, zero)
-    prob_scale, smooth_scale = prob_scale.unsqueeze(1), (upstream * smooth).unsqueeze(1)
-    probs = torch.sub(logits, lse.unsqueeze(1), out=scratch).exp_()
-    if eps == 0:
+        prob_scale = prob_scale + torch.where(valid, grad_lse, 0.0)
+    return _GradScales(lse, prob_scale, None if eps == 0 else upstream * smooth, target_scale, safe_target)
+
+
+def _class_index_chunk_backward(logits: Tensor, scales: _GradScales, weight: Tensor | None, scratch: Tensor,
+                                out: Tensor) -> Tensor:
+    prob_scale = scales.prob_scale.unsqueeze(1)
+    probs = torch.sub(logits, scales.lse.unsqueeze(1), out=scratch).exp_()
+    if scales.smooth_scale is None:
         grad = torch.mul(probs, prob_scale, out=out)
     elif weight is None:
-        grad = torch.addcmul(-smooth_scale, probs, prob_scale, out=out)
+        grad = torch.addcmul(-scales.smooth_scale.unsqueeze(1), probs, prob_scale, out=out)
     else:
-        grad = torch.addcmul(probs.mul_(prob_scale), smooth_scale, weight, value=-1.0, out=out)
-    target_scale = upstream * (1.0 - eps) * w_target
-    return grad.view(-1).index_add_(0, _target_offsets(safe_target, num_classes), -target_scale).view(grad.shape)
+        grad = torch.addcmul(probs.mul_(prob_scale), scales.smooth_scale.unsqueeze(1), weight, value=-1.0, out=out)
+    offsets = _target_offsets(scales.safe_target, logits.shape[1])
+    return grad.view(-1).index_add_(0, offsets, -scales.target_scale).view(grad.shape)
+
+
+def _class_index_chunk_backward_class_major(block: Tensor, scales: _GradScales, weight: Tensor | None,
+                                            softcap: float | None, buffers: _ChunkBuffers, out: Tensor) -> None:
+    """The gradient of a chunk of few classes (_reference_class_major.py) into `out`, its class-last slice."""
+    num_classes, rows = block.shape[-1], block.numel() // block.shape[-1]
+    if softcap is None and block.dtype == buffers.dtype:  # read straight from the block, transposing
+        probs = _class_major.probabilities(block, None, scales.lse, buffers.matrix("logits", num_classes, rows))
+        derivative = None
+    elif softcap is None:  # converted into the buffer first, then overwritten by p
+        logits = _class_major_rows(block, None, buffers)
+        probs = _class_major.probabilities(block, logits, scales.lse, logits)
+        derivative = None
+    else:  # the capped logits live on for the chain rule through the tanh
+        logits = _class_major_rows(block, softcap, buffers)
+        probs = _class_major.probabilities(block, logits, scales.lse, buffers.matrix("probs", num_classes, rows))
+        derivative = _softcap_derivative(logits, softcap)
+    _class_major.write_gradient(probs, scales.prob_scale, scales.smooth_scale, scales.target_scale,
+                                scales.safe_target, weight, derivative, out)
+
+
+def _softcap_derivative(capped: Tensor, softcap: float) -> Tensor:
+    """d(c tanh(z / c)) / dz = 1 - tanh^2(z / c) = (1 - t)(1 + t) with t = z' / c, from the capped logits z'
+    (overwritten; no cancellation where the tanh saturates)."""
+    t = capped.div_(softcap)
+    return torch.rsub(t, 1.0).mul_(t.add_(1.0))
 
 
 def _probability_chunk_backward(logits: Tensor, lse: Tensor, grad_lse: Tensor | None, mass: Tensor, target: Tensor,
@@ -352,10 +474,11 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
     acc, class_dim, num_classes, class_last, row_shape, acc_weight, probability = _problem(input, target, weight)
     eps = uniform_smoothing(label_smoothing, smoothing, num_classes)
     target_source = target.movedim(class_dim, -1) if probability else target.to(torch.int64)
+    classes = None if probability else _valid_and_safe_targets(target_source, ignore_index)
     # The upstream gradient of every row: grad_loss itself for 'none', one value for 'sum' and 'mean'.
     upstream_rows = grad_loss.to(acc)
     if reduction == _REDUCTION_MEAN:
-        denominator = _mean_denominator(probability, target_source, acc_weight, ignore_index, acc)
+        denominator = _mean_denominator(probability, target_source, classes, acc_weight, acc)
         upstream_rows = upstream_rows / denominator
     upstream_rows = upstream_rows.expand(row_shape)
     acc_lse = lse.to(acc)
@@ -366,12 +489,18 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
     chunks = _row_chunks(row_shape, num_classes)
     largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
     buffers = _ChunkBuffers(largest, acc, input.device)
+    class_major = not probability and num_classes <= CLASS_MAJOR_MAX_CLASSES
     for index in chunks:
-        logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
         chunk_lse = acc_lse[index].reshape(-1)
         chunk_grad_lse = None if acc_grad_lse is None else acc_grad_lse[index].reshape(-1)
         upstream = upstream_rows[index].reshape(-1)
         chunk_out = grad_class_last[index]
+        scales = None if probability else _class_index_grad_scales(
+            chunk_lse, chunk_grad_lse, *_chunk_class_targets(classes, index), upstream, acc_weight, eps, num_classes)
+        if class_major:
+            _class_index_chunk_backward_class_major(class_last[index], scales, acc_weight, softcap, buffers, chunk_out)
+            continue
+        logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
         # The last op writes straight into the gradient where the chunk of it is a plain matrix of the
         # accumulation dtype; otherwise it works in place and one copy converts (an op writing into another
         # dtype would allocate a temporary of its own). With softcap the capped logits must survive until
@@ -384,15 +513,10 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
                                                target_source[index], upstream, acc_weight, eps, scratch, out,
                                                buffers)
         else:
-            chunk_target = target_source[index].reshape(-1)
-            grad = _class_index_chunk_backward(logits, chunk_lse, chunk_grad_lse, chunk_target, upstream,
-                                               acc_weight, ignore_index, eps, scratch, out)
+            grad = _class_index_chunk_backward(logits, scales, acc_weight, scratch, out)
         if softcap is not None:
-            # d(c tanh(z / c)) / dz = 1 - tanh^2(z / c) = (1 - t)(1 + t) with t = z' / c, from the capped logits
-            # z' (no cancellation where the tanh saturates).
-            t = logits.div_(softcap)
-            derivative = torch.rsub(t, 1.0).mul_(t.add_(1.0))
-            grad = torch.mul(grad, derivative, out=chunk_out.view(logits.shape) if direct else grad)
+            grad = torch.mul(grad, _softcap_derivative(logits, softcap),
+                             out=chunk_out.view(logits.shape) if direct else grad)
         if not direct:
             chunk_out.copy_(grad.view(chunk_out.shape))
     return grad_input

@@ -1,0 +1,70 @@
+"""The fallback's path for class-index rows of few classes: a chunk processed class-major.
+
+With K classes per row and K small (10 for CIFAR, 21 for VOC segmentation), every reduction along a row
+is a loop of K elements that no SIMD unit fills, and those loops are most of what the row-major path
+costs there. reference.py hands such a chunk over as a (K, rows) matrix of its buffer instead, and every
+pass then runs across rows, vectorized: the row max and the sums are reductions over dim 0, the rest
+elementwise ops that broadcast one value per row. The transposition costs no pass of its own: it is the
+copy the row-major path makes anyway for logits that are not fp32, or it is fused into the first
+elementwise op (reading) and the last one (writing the gradient).
+
+At K classes a chunk holds K times fewer rows than logits, so the per-row work (a few ops on vectors of
+rows) is a large share of the total here: it is kept to the few ops the formulas need.
+
+Sums are taken relative to the row max: z_c - max <= 0, so sum_c w_c (lse - z_c) = W log s - sum_c w_c
+(z_c - max) adds two non-negative terms (no cancellation, whatever the common offset of the logits),
+and it never takes the log of a probability (which underflows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def forward_parts(logits: Tensor, safe_target: Tensor, weight: Tensor | None, weight_total: Tensor | float,
+                  with_smoothing: bool, scratch: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(lse, -log p_y, sum_c w_c (-log p_c) or None) of each row of a (K, rows) chunk, which is overwritten.
+    `scratch`, a matrix of the chunk's shape, is needed only with weights and with_smoothing."""
+    row_max = logits.amax(dim=0)
+    shifted = logits.sub_(row_max)
+    shifted_target = shifted.gather(0, safe_target.unsqueeze(0)).squeeze(0)
+    shifted_sum = None
+    if with_smoothing:
+        weighted = shifted if weight is None else torch.mul(shifted, weight.unsqueeze(1), out=scratch)
+        shifted_sum = weighted.sum(dim=0)
+    log_sum = shifted.exp_().sum(dim=0).log_()  # log sum_c exp(z_c - max)
+    smoothing_sum = None if shifted_sum is None else torch.sub(log_sum * weight_total, shifted_sum)
+    return row_max + log_sum, log_sum - shifted_target, smoothing_sum
+
+
+def probabilities(block: Tensor, logits: Tensor | None, lse: Tensor, out: Tensor) -> Tensor:
+    """p = exp(z - lse) of a chunk as a (K, rows) matrix in `out` (which may be `logits`): from `logits`, the
+    chunk already in class-major form (capped), or else read straight from the class-last `block` (of out's
+    dtype)."""
+    source = block.movedim(-1, 0) if logits is None else logits.view(-1, *block.shape[:-1])
+    return torch.sub(source, lse.view(block.shape[:-1]), out=out.view(source.shape)).exp_().view(out.shape)
+
+
+def write_gradient(probs: Tensor, prob_scale: Tensor, smooth_scale: Tensor | None, target_scale: Tensor,
+                   safe_target: Tensor, weight: Tensor | None, derivative: Tensor | None, out: Tensor) -> None:
+    """Writes prob_scale p_c - smooth_scale w_c - [c = y] target_scale (one scale per row; smooth_scale None
+    when eps = 0), times `derivative` (softcap's chain rule) when given, into `out`, the chunk's class-last
+    slice of the gradient. `probs` ((K, rows), p) is overwritten; the last op writes into `out` directly
+    when it has probs' dtype (transposing on the way), else one copy converts."""
+    rows = out.shape[:-1]
+    grad = probs.mul_(prob_scale).scatter_add_(0, safe_target.unsqueeze(0), target_scale.neg().unsqueeze(0))
+    grad = grad.view(-1, *rows)
+    destination = out.movedim(-1, 0)
+    direct = destination if out.dtype == probs.dtype else None
+    if smooth_scale is not None:
+        last = None if derivative is not None else direct
+        if weight is None:
+            grad = torch.sub(grad, smooth_scale.view(rows), out=grad if last is None else last)
+        else:
+            grad = torch.addcmul(grad, weight.view(-1, *(1,) * len(rows)), smooth_scale.view(rows), value=-1.0,
+                                 out=grad if last is None else last)
+    if derivative is not None:
+        grad = torch.mul(grad, derivative.view(grad.shape), out=grad if direct is None else direct)
+    if grad is not direct:
+        destination.copy_(grad)
