@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import labelsmooth_ext
+from labelsmooth_ext import reference
 
 from conftest import (
     REDUCTION_CODES,
@@ -109,11 +110,19 @@ def _call_forward_op(input, target, weight, kwargs):
                         0, None, REDUCTION_CODES[kwargs.get("reduction", "mean")])
 
 
+def _call_reference_op(input, target, weight, kwargs):
+    """The fallback's forward, which checks the targets its own way (a range check first)."""
+    return reference.ls_cross_entropy_forward(input, target, weight, kwargs.get("ignore_index", -100),
+                                              kwargs.get("label_smoothing", 0.1), 0, None,
+                                              REDUCTION_CODES[kwargs.get("reduction", "mean")])
+
+
 def _call_module(input, target, weight, kwargs):
     return labelsmooth_ext.CrossEntropyLoss(weight, **kwargs)(input, target)
 
 
-CALLERS = {"api": _call_api, "forward_op": _call_forward_op, "module": _call_module}
+CALLERS = {"api": _call_api, "forward_op": _call_forward_op, "reference_op": _call_reference_op,
+           "module": _call_module}
 
 
 @pytest.mark.parametrize("caller", CALLERS)
