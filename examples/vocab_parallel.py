@@ -60,6 +60,9 @@ def main():
     torch.testing.assert_close(dtensor_loss.full_tensor(), expected.detach())
     if rank == 0:
         print(f"DTensor: loss {dtensor_loss.full_tensor().item():.6f}, placements {dtensor_loss.placements}")
+    # Every rank past its last collective before any tears the group down: a rank that destroys it while the
+    # other still has gloo work in flight can abort that process at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 

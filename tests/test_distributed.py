@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -167,11 +168,15 @@ def _errors(rank, world, sizes):
 def _worker(rank, world, store_path, cases, data, dtensor_data, out_dir):
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    # A bounded timeout: a rank that fails leaves the others waiting in a collective for this long, not 30 min.
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         results = {"cases": [_run_case(rank, case, d) for case, d in zip(cases, data)],
                    "dtensor": _run_dtensor_case(rank, world, dtensor_data),
                    "errors": _errors(rank, world, SHARDS[world])}
+        # Every rank past its last collective before any tears the group down: destroying it while another
+        # rank still has gloo work in flight can abort that process at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
