@@ -88,14 +88,19 @@ def parse_args(argv=None):
     return args
 
 
-def parse_shapes(text):
+def parse_sizes(text, form="NxK"):
+    """Comma-separated shapes of the given form (its letters joined by x), each size positive."""
     try:
         shapes = [tuple(int(size) for size in shape.lower().split("x")) for shape in text.split(",")]
     except ValueError:
         shapes = []
-    if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
-        raise argparse.ArgumentTypeError(f"expected comma-separated NxK with positive N and K, got {text!r}")
+    if not shapes or any(len(shape) != len(form.split("x")) or min(shape) < 1 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {form} with positive sizes, got {text!r}")
     return shapes
+
+
+def parse_shapes(text):
+    return parse_sizes(text, "NxK")
 
 
 def parse_dtypes(text):

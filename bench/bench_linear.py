@@ -69,13 +69,7 @@ def parse_args(argv=None):
 
 
 def parse_shapes(text):
-    try:
-        shapes = [tuple(int(size) for size in shape.lower().split("x")) for shape in text.split(",")]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
-        raise argparse.ArgumentTypeError(f"expected comma-separated NxHxV with positive sizes, got {text!r}")
-    return shapes
+    return common.parse_sizes(text, "NxHxV")
 
 
 def make_inputs(n, h, v, dtype, device):

@@ -69,9 +69,18 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                    op_code)
     loss, lse, _ = _functorch.forward(input, target, weight, ignore_index, label_smoothing, smoothing_code, softcap,
                                       op_code)
+    return with_loss_options(loss, lse, input, target, weight, ignore_index, z_loss, op_code, normalizer,
+                             return_z_loss, return_lse)
+
+
+def with_loss_options(loss, lse, input, target, weight, ignore_index, z_loss, reduction, normalizer, return_z_loss,
+                      return_lse):
+    """What the options add after the kernels: the z-loss (from the rows' lse), the normaliser (the kernels
+    reduced with 'sum' then) and the requested extra outputs; the return value of cross_entropy. `input` only
+    tells probability targets apart (see reference.row_weights)."""
     z_part = None
     if z_loss > 0 or return_z_loss:
-        z_part = _z_loss_part(input, target, weight, ignore_index, lse, z_loss, op_code)
+        z_part = _z_loss_part(input, target, weight, ignore_index, lse, z_loss, reduction)
         loss = loss + z_part
     if normalizer is not None:
         loss = loss / normalizer

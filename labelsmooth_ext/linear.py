@@ -4,7 +4,7 @@ chunk so that the (tokens x vocabulary) logits never exist whole; and LinearCros
 import torch
 
 from . import _linear_ops, _linear_validation, _registration, _validation
-from .functional import _z_loss_part
+from .functional import with_loss_options
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
@@ -72,16 +72,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     row_loss, lse = row_loss.view(target.shape), lse.view(target.shape)
     op_code = _validation.REDUCTIONS["sum"] if normalizer is not None else code
     loss = _reduce(row_loss, target, weight, ignore_index, acc, op_code)
-    z_part = None
-    if z_loss > 0 or return_z_loss:
-        # z_loss_part reads its first argument only to tell probability targets apart (never these).
-        z_part = _z_loss_part(target, target, weight, ignore_index, lse, z_loss, op_code)
-        loss = loss + z_part
-    if normalizer is not None:
-        loss = loss / normalizer
-        z_part = None if z_part is None else z_part / normalizer
-    extras = ((z_part,) if return_z_loss else ()) + ((lse,) if return_lse else ())
-    return (loss, *extras) if extras else loss
+    # with_loss_options reads its `input` only to tell probability targets apart (never these): target serves.
+    return with_loss_options(loss, lse, target, target, weight, ignore_index, z_loss, op_code, normalizer,
+                             return_z_loss, return_lse)
 
 
 def _reduce(row_loss, target, weight, ignore_index, acc, reduction):
