@@ -94,6 +94,14 @@ def check_normalizer(normalizer, reduction):
     return value
 
 
+def check_loss_options(ignore_index, label_smoothing, reduction, z_loss, softcap, smoothing, normalizer):
+    """Every loss option of the public calls, checked in this order and converted to what the ops take:
+    (ignore_index, label_smoothing, reduction code, z_loss, softcap, smoothing code, normalizer)."""
+    return (check_ignore_index(ignore_index), check_label_smoothing(label_smoothing), reduction_code(reduction),
+            check_z_loss(z_loss), check_softcap(softcap), smoothing_code(smoothing),
+            check_normalizer(normalizer, reduction))
+
+
 def check_ignore_index(ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")

@@ -122,13 +122,8 @@ def vocab_parallel_cross_entropy(local_logits, target, *, group=None, vocab_star
     gradient reaches ``local_logits`` as this rank's slice of the full gradient, with no collective in the
     backward. Every rank must call it (it runs two all-gathers: the shard layout, then a few numbers per row).
     """
-    ignore_index = _validation.check_ignore_index(ignore_index)
-    eps = _validation.check_label_smoothing(label_smoothing)
-    code = _validation.reduction_code(reduction)
-    z_loss = _validation.check_z_loss(z_loss)
-    softcap = _validation.check_softcap(softcap)
-    smoothing_code = _validation.smoothing_code(smoothing)
-    normalizer = _validation.check_normalizer(normalizer, reduction)
+    ignore_index, eps, code, z_loss, softcap, smoothing_code, normalizer = _validation.check_loss_options(
+        ignore_index, label_smoothing, reduction, z_loss, softcap, smoothing, normalizer)
     _check_shapes(local_logits, target, weight, vocab_start)
     _validation.check_tensors(local_logits, target, weight, ignore_index)
     if weight is not None and weight.requires_grad:

@@ -57,13 +57,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         return _distributed_dtensor.cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
             smoothing=smoothing, normalizer=normalizer, return_lse=return_lse, return_z_loss=return_z_loss)
-    ignore_index = _validation.check_ignore_index(ignore_index)
-    label_smoothing = _validation.check_label_smoothing(label_smoothing)
-    code = _validation.reduction_code(reduction)
-    z_loss = _validation.check_z_loss(z_loss)
-    softcap = _validation.check_softcap(softcap)
-    smoothing_code = _validation.smoothing_code(smoothing)
-    normalizer = _validation.check_normalizer(normalizer, reduction)
+    ignore_index, label_smoothing, code, z_loss, softcap, smoothing_code, normalizer = _validation.check_loss_options(
+        ignore_index, label_smoothing, reduction, z_loss, softcap, smoothing, normalizer)
     op_code = _validation.REDUCTIONS["sum"] if normalizer is not None else code
     _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing_code, softcap,
                                    op_code)

@@ -39,13 +39,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     Returns the loss, shaped like ``target`` for reduction "none"; with ``return_z_loss`` and/or ``return_lse``, a
     tuple ``(loss, z_loss, lse)`` of the requested ones in that order.
     """
-    ignore_index = _validation.check_ignore_index(-100 if ignore_index is None else ignore_index)
-    label_smoothing = _validation.check_label_smoothing(label_smoothing)
-    code = _validation.reduction_code(reduction)
-    z_loss = _validation.check_z_loss(z_loss)
-    softcap = _validation.check_softcap(softcap)
-    smoothing_code = _validation.smoothing_code(smoothing)
-    normalizer = _validation.check_normalizer(normalizer, reduction)
+    ignore_index, label_smoothing, code, z_loss, softcap, smoothing_code, normalizer = _validation.check_loss_options(
+        -100 if ignore_index is None else ignore_index, label_smoothing, reduction, z_loss, softcap, smoothing,
+        normalizer)
     op_chunk_size = _linear_validation.check_chunk_size(chunk_size)
     _linear_validation.check_linear_arguments(input, linear_weight, linear_bias, target, weight)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
@@ -97,16 +93,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a tensor or None, got {type(weight).__name__}")
         self.register_buffer("weight", weight)
-        self.ignore_index = _validation.check_ignore_index(ignore_index)
-        _validation.reduction_code(reduction)
-        self.reduction = reduction
-        self.label_smoothing = _validation.check_label_smoothing(label_smoothing)
+        self.ignore_index, self.label_smoothing, _, self.z_loss, self.softcap, _, _ = _validation.check_loss_options(
+            ignore_index, label_smoothing, reduction, z_loss, softcap, smoothing, None)
+        self.reduction, self.smoothing = reduction, smoothing
         _linear_validation.check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
-        self.z_loss = _validation.check_z_loss(z_loss)
-        self.softcap = _validation.check_softcap(softcap)
-        _validation.smoothing_code(smoothing)
-        self.smoothing = smoothing
         self.return_lse = bool(return_lse)
         self.return_z_loss = bool(return_z_loss)
 

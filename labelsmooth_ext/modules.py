@@ -22,12 +22,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a tensor or None, got {type(weight).__name__}")
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        _validation.check_ignore_index(self.ignore_index)
-        _validation.reduction_code(self.reduction)
-        _validation.check_label_smoothing(self.label_smoothing)
-        self.z_loss = _validation.check_z_loss(z_loss)
-        self.softcap = _validation.check_softcap(softcap)
-        _validation.smoothing_code(smoothing)
+        # PyTorch's attributes stay as given (its own module keeps them so); ours are stored checked.
+        _, _, _, self.z_loss, self.softcap, _, _ = _validation.check_loss_options(
+            self.ignore_index, self.label_smoothing, self.reduction, z_loss, softcap, smoothing, None)
         self.smoothing = smoothing
         self.return_lse = bool(return_lse)
         self.return_z_loss = bool(return_z_loss)

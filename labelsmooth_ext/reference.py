@@ -406,7 +406,8 @@ def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor
     if w_target is None:
         target_scale, prob_scale = upstream * (1.0 - eps), upstream * ((1.0 - eps) + smooth_mass)
     else:
-        target_scale, prob_scale = upstream * ((1.0 - eps) * w_target), upstream * ((1.0 - eps) * w_target + smooth_mass)
+        target_weight = (1.0 - eps) * w_target
+        target_scale, prob_scale = upstream * target_weight, upstream * (target_weight + smooth_mass)
     # A gradient reaching lse (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
     if grad_lse is not None:
         prob_scale = prob_scale + torch.where(valid, grad_lse, 0.0)
