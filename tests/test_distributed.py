@@ -174,12 +174,16 @@ def _worker(rank, world, store_path, cases, data, dtensor_data, out_dir):
         results = {"cases": [_run_case(rank, case, d) for case, d in zip(cases, data)],
                    "dtensor": _run_dtensor_case(rank, world, dtensor_data),
                    "errors": _errors(rank, world, SHARDS[world])}
-        # Every rank past its last collective before any tears the group down: destroying it while another
-        # rank still has gloo work in flight can abort that process at exit.
+        # Every rank past its last collective before any leaves.
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # The results are saved; leave without the interpreter's teardown. gloo's threads, torn down at exit,
+    # occasionally abort a rank under load ("terminate called without an active exception"), which says
+    # nothing about the loss and would fail the run after every check passed.
+    os._exit(0)
 
 
 def _spawn(world, cases, data, dtensor_data):
