@@ -2,14 +2,15 @@
 
 With K classes per row and K small (10 for CIFAR, 21 for VOC segmentation), every reduction along a row
 is a loop of K elements that no SIMD unit fills, and those loops are most of what the row-major path
-costs there. reference.py hands such a chunk over as a (K, rows) matrix of its buffer instead, and every
-pass then runs across rows, vectorized: the row max and the sums are reductions over dim 0, the rest
-elementwise ops that broadcast one value per row. The transposition costs no pass of its own: it is the
-copy the row-major path makes anyway for logits that are not fp32, or it is fused into the first
-elementwise op (reading) and the last one (writing the gradient).
+costs there. reference.py hands such a chunk over as a (K, rows) matrix instead, and every pass then runs
+across rows, vectorized: the row max and the sums are reductions over dim 0, the rest elementwise ops that
+broadcast one value per row. The forward copies the chunk transposed into the call's buffer; the backward
+fuses the transposition into its first elementwise op (reading) and its last (writing the gradient),
+except where the logits need converting or capping first.
 
-At K classes a chunk holds K times fewer rows than logits, so the per-row work (a few ops on vectors of
-rows) is a large share of the total here: it is kept to the few ops the formulas need.
+At K classes a chunk holds K times fewer rows than logits, so the per-row work is a large share of the
+total: the forward writes each row's parts straight into the call's per-row tensors, the backward gets its
+per-row scales computed once per call, and each pass here is one op.
 
 Sums are taken relative to the row max: z_c - max <= 0, so sum_c w_c (lse - z_c) = W log s - sum_c w_c
 (z_c - max) adds two non-negative terms (no cancellation, whatever the common offset of the logits),
@@ -23,19 +24,21 @@ from torch import Tensor
 
 
 def forward_parts(logits: Tensor, safe_target: Tensor, weight: Tensor | None, weight_total: Tensor | float,
-                  with_smoothing: bool, scratch: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(lse, -log p_y, sum_c w_c (-log p_c) or None) of each row of a (K, rows) chunk, which is overwritten.
-    `scratch`, a matrix of the chunk's shape, is needed only with weights and with_smoothing."""
-    row_max = logits.amax(dim=0)
+                  scratch: Tensor | None, parts) -> None:
+    """Writes each row's lse, -log p_y and, where parts.smoothing is given, sum_c w_c (-log p_c) into
+    `parts` (the chunk's flat views of the call's per-row results), from a (K, rows) chunk, which is
+    overwritten. `scratch`, a matrix of the chunk's shape, is needed only with weights and smoothing."""
+    row_max = torch.amax(logits, 0, out=parts.lse)
     shifted = logits.sub_(row_max)
-    shifted_target = shifted.gather(0, safe_target.unsqueeze(0)).squeeze(0)
-    shifted_sum = None
-    if with_smoothing:
+    shifted_target = torch.gather(shifted, 0, safe_target.unsqueeze(0), out=parts.target_nll.unsqueeze(0))
+    if parts.smoothing is not None:
         weighted = shifted if weight is None else torch.mul(shifted, weight.unsqueeze(1), out=scratch)
-        shifted_sum = weighted.sum(dim=0)
+        torch.sum(weighted, 0, out=parts.smoothing)
     log_sum = shifted.exp_().sum(dim=0).log_()  # log sum_c exp(z_c - max)
-    smoothing_sum = None if shifted_sum is None else torch.sub(log_sum * weight_total, shifted_sum)
-    return row_max + log_sum, log_sum - shifted_target, smoothing_sum
+    parts.lse.add_(log_sum)
+    torch.sub(log_sum, shifted_target.squeeze(0), out=parts.target_nll)
+    if parts.smoothing is not None:
+        torch.sub(log_sum * weight_total, parts.smoothing, out=parts.smoothing)
 
 
 def probabilities(block: Tensor, logits: Tensor | None, lse: Tensor, out: Tensor) -> Tensor:
@@ -46,14 +49,14 @@ def probabilities(block: Tensor, logits: Tensor | None, lse: Tensor, out: Tensor
     return torch.sub(source, lse.view(block.shape[:-1]), out=out.view(source.shape)).exp_().view(out.shape)
 
 
-def write_gradient(probs: Tensor, prob_scale: Tensor, smooth_scale: Tensor | None, target_scale: Tensor,
+def write_gradient(probs: Tensor, prob_scale: Tensor, smooth_scale: Tensor | None, target_shift: Tensor,
                    safe_target: Tensor, weight: Tensor | None, derivative: Tensor | None, out: Tensor) -> None:
-    """Writes prob_scale p_c - smooth_scale w_c - [c = y] target_scale (one scale per row; smooth_scale None
+    """Writes prob_scale p_c - smooth_scale w_c + [c = y] target_shift (one scale per row; smooth_scale None
     when eps = 0), times `derivative` (softcap's chain rule) when given, into `out`, the chunk's class-last
     slice of the gradient. `probs` ((K, rows), p) is overwritten; the last op writes into `out` directly
     when it has probs' dtype (transposing on the way), else one copy converts."""
     rows = out.shape[:-1]
-    grad = probs.mul_(prob_scale).scatter_add_(0, safe_target.unsqueeze(0), target_scale.neg().unsqueeze(0))
+    grad = probs.mul_(prob_scale).scatter_add_(0, safe_target.unsqueeze(0), target_shift.unsqueeze(0))
     grad = grad.view(-1, *rows)
     destination = out.movedim(-1, 0)
     direct = destination if out.dtype == probs.dtype else None

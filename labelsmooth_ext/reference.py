@@ -34,8 +34,9 @@ __all__ = ["CHUNK_LOGITS", "ls_cross_entropy_forward", "ls_cross_entropy_backwar
 # cross_entropy.
 CHUNK_LOGITS = 1 << 20
 
-# ...and at most a quarter of the call's logits, down to this floor: the buffers of a small call then stay
-# well below eager's N x K temporaries too, while the chunks stay large enough to amortise the per-op cost.
+# ...and each buffer at most half the bytes of the call's logits, down to this floor: the buffers of a small
+# call then stay below eager's N x K temporaries too (a quarter of the logits in fp32 buffers for bf16 input,
+# half for fp32), while the chunks stay large enough, and few enough, to amortise the per-op cost.
 _MIN_CHUNK_LOGITS = 1 << 16
 
 # Rows of at most this many classes are processed class-major (see the module docstring): below it, the
@@ -64,12 +65,14 @@ def _is_probability_target(input: Tensor, target: Tensor) -> bool:
     return target.shape == input.shape and target.is_floating_point()
 
 
-def _chunk_limit(total_logits: int) -> int:
-    """Most logits in a chunk of a call with this many logits."""
-    return min(CHUNK_LOGITS, max(_MIN_CHUNK_LOGITS, -(-total_logits // 4)))
+def _chunk_limit(total_logits: int, input_dtype: torch.dtype, buffer_dtype: torch.dtype) -> int:
+    """Most logits in a chunk of a call with this many logits of input_dtype, buffered in buffer_dtype."""
+    half_the_input = -(-total_logits * input_dtype.itemsize // (2 * buffer_dtype.itemsize))
+    return min(CHUNK_LOGITS, max(_MIN_CHUNK_LOGITS, half_the_input))
 
 
-def _row_chunks(row_shape: tuple[int, ...], num_classes: int) -> list[tuple]:
+def _row_chunks(row_shape: tuple[int, ...], num_classes: int, input_dtype: torch.dtype,
+                buffer_dtype: torch.dtype) -> list[tuple]:
     """Index tuples into a (*row_shape, ...) tensor, each selecting consecutive rows (in row order)
     that hold at most _chunk_limit logits, or a single row when one row is larger than that.
 
@@ -78,7 +81,7 @@ def _row_chunks(row_shape: tuple[int, ...], num_classes: int) -> list[tuple]:
     chunks: list[tuple] = []
     if num_classes == 0:  # no logits to read (all rows are ignored; the caller checked the targets)
         return chunks
-    limit = _chunk_limit(math.prod(row_shape) * num_classes)
+    limit = _chunk_limit(math.prod(row_shape) * num_classes, input_dtype, buffer_dtype)
 
     def split(prefix: tuple, dims: tuple[int, ...]) -> None:
         if not dims or math.prod(dims) * num_classes <= limit:
@@ -233,13 +236,9 @@ def _mean_denominator(probability: bool, target: Tensor, classes: tuple[Tensor, 
     if probability:
         return target.numel() // target.shape[-1]
     valid, safe_target = classes
-    w_target = _target_weights(safe_target, weight, dtype)
-    return _sum_all(torch.where(valid, w_target, 0.0))
-
-
-def _chunk_class_targets(classes: tuple[Tensor, Tensor], index: tuple) -> tuple[Tensor, Tensor]:
-    """(valid, safe_target) of the chunk of rows that `index` selects, flat."""
-    return tuple(rows[index].reshape(-1) for rows in classes)
+    if weight is None:  # counted exactly, without converting the N flags first (as valid.sum() would)
+        return torch.count_nonzero(valid).to(dtype)
+    return _sum_all(torch.where(valid, weight[safe_target], 0.0))
 
 
 def _target_weights_or_none(safe_target: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -247,46 +246,57 @@ def _target_weights_or_none(safe_target: Tensor, weight: Tensor | None, dtype: t
     return None if weight is None else _target_weights(safe_target, weight, dtype)
 
 
-def _class_index_loss(valid: Tensor, w_target: Tensor | None, lse: Tensor, target_nll: Tensor, smoothing_sum,
-                      eps: float, num_classes: int) -> tuple[Tensor, Tensor]:
-    """(loss, lse) of a chunk's rows, 0 for ignored ones, from -log p_y (target_nll) and, called only when
-    eps > 0, smoothing_sum() = sum_c w_c (-log p_c).
+class _ClassIndexRows(NamedTuple):
+    """What the forward's chunks compute for each row of class-index targets, in per-call tensors of the row
+    shape: lse, -log p_y and, only when eps > 0, sum_c w_c (-log p_c). The loss is then formed from them in
+    one pass over all rows: per-row ops cost as much per call as per chunk, so they are not repeated."""
+    lse: Tensor
+    target_nll: Tensor
+    smoothing: Tensor | None
+
+    def of_chunk(self, index: tuple) -> "_ClassIndexRows":
+        """The rows that `index` selects, as flat views (a chunk's rows are consecutive) to write into."""
+        return _ClassIndexRows(*(None if rows is None else rows[index].view(-1) for rows in self))
+
+
+def _class_index_loss(valid: Tensor, w_target: Tensor | None, parts: _ClassIndexRows, eps: float,
+                      num_classes: int) -> tuple[Tensor, Tensor]:
+    """(loss, lse) of all rows, 0 for ignored ones, from their `parts`.
 
     loss = (1-eps) w_y (lse - z_y) + (eps/K) sum_c w_c (lse - z_c), with lse - z_c = -log p_c: summed as such
     it has no cancellation (unlike S - K lse) and no underflow (it is not log(softmax))."""
-    loss = target_nll * (1.0 - eps)
+    loss = parts.target_nll.mul_(1.0 - eps)  # in place: the parts are this call's own
     if w_target is not None:
         loss = loss.mul_(w_target)
     # eps == 0 skips the smoothing term, as PyTorch does: it would turn a -inf logit into NaN.
-    if eps > 0:
-        loss = loss.add_(smoothing_sum(), alpha=eps / num_classes)
-    return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
+    if parts.smoothing is not None:
+        loss = loss.add_(parts.smoothing, alpha=eps / num_classes)
+    zero = loss.new_zeros(())
+    return torch.where(valid, loss, zero, out=loss), torch.where(valid, parts.lse, zero, out=parts.lse)
 
 
-def _class_index_chunk_forward(logits: Tensor, valid: Tensor, safe_target: Tensor, weight: Tensor | None,
-                               eps: float, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    num_classes = logits.shape[1]
-    w_target = _target_weights_or_none(safe_target, weight, logits.dtype)
+def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tensor | None, scratch: Tensor,
+                               parts: _ClassIndexRows) -> None:
+    """Writes the chunk's `parts` from its logits as a (rows, K) matrix, through PyTorch's fused log_softmax."""
     log_probs, lse = _log_softmax_and_lse(logits, scratch)
-    target_nll = log_probs.view(-1).take(_target_offsets(safe_target, num_classes)).neg_()
-    return _class_index_loss(valid, w_target, lse, target_nll, lambda: _weighted_row_sums(log_probs, weight).neg_(),
-                             eps, num_classes)
+    parts.lse.copy_(lse)
+    torch.take(log_probs, _target_offsets(safe_target, logits.shape[1]), out=parts.target_nll).neg_()
+    if parts.smoothing is not None:
+        parts.smoothing.copy_(_weighted_row_sums(log_probs, weight)).neg_()
 
 
 def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
     return float(num_classes) if weight is None else _sum_all(weight)
 
 
-def _class_index_chunk_forward_class_major(block: Tensor, valid: Tensor, safe_target: Tensor,
-                                           weight: Tensor | None, eps: float, softcap: float | None,
-                                           buffers: _ChunkBuffers) -> tuple[Tensor, Tensor]:
+def _class_index_chunk_forward_class_major(block: Tensor, safe_target: Tensor, weight: Tensor | None,
+                                           softcap: float | None, buffers: _ChunkBuffers,
+                                           parts: _ClassIndexRows) -> None:
+    """Writes the chunk's `parts` from its class-last logits, processed class-major (_reference_class_major.py)."""
     num_classes = block.shape[-1]
     logits = _class_major_rows(block, softcap, buffers)
-    w_target = _target_weights_or_none(safe_target, weight, logits.dtype)
-    scratch = None if weight is None or eps == 0 else buffers.matrix("weighted", *logits.shape)
-    lse, target_nll, smoothing_sum = _class_major.forward_parts(
-        logits, safe_target, weight, _weight_total(weight, num_classes), eps > 0, scratch)
-    return _class_index_loss(valid, w_target, lse, target_nll, lambda: smoothing_sum, eps, num_classes)
+    scratch = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *logits.shape)
+    _class_major.forward_parts(logits, safe_target, weight, _weight_total(weight, num_classes), scratch, parts)
 
 
 def _smoothed_weighted_target(target: Tensor, weight: Tensor | None, eps: float, out: Tensor) -> Tensor:
@@ -321,7 +331,9 @@ def _class_major_rows(block: Tensor, softcap: float | None, buffers: _ChunkBuffe
     (_reference_class_major.py)."""
     num_classes = block.shape[-1]
     matrix = buffers.matrix("logits", num_classes, block.numel() // num_classes)
-    matrix.view(num_classes, *block.shape[:-1]).copy_(block.movedim(-1, 0))
+    # A trailing unit dim: copy_ from an exact 2-D transpose of its own dtype takes ATen's blocked transpose,
+    # which runs on one thread (three times slower here than the parallel elementwise copy).
+    matrix.view(num_classes, *block.shape[:-1], 1).copy_(block.movedim(-1, 0).unsqueeze(-1))
     return matrix if softcap is None else _softcapped(matrix, softcap, matrix)
 
 
@@ -351,30 +363,35 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
         target_source = target.to(torch.int64)
         classes = _checked_class_targets(target_source, num_classes, ignore_index)
 
-    loss_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
-    lse_rows = torch.zeros(row_shape, dtype=acc, device=input.device)
-    mass_rows = torch.zeros(row_shape if probability else (0,), dtype=acc, device=input.device)
-    chunks = _row_chunks(row_shape, num_classes)
+    def rows_of_zeros(shape=row_shape) -> Tensor:
+        return torch.zeros(shape, dtype=acc, device=input.device)
+
+    chunks = _row_chunks(row_shape, num_classes, input.dtype, acc)
     largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
     buffers = _ChunkBuffers(largest, acc, input.device)
-    class_major = not probability and num_classes <= CLASS_MAJOR_MAX_CLASSES
-    for index in chunks:
-        chunk_row_shape = loss_rows[index].shape
-        if class_major:
-            loss, lse = _class_index_chunk_forward_class_major(class_last[index], *_chunk_class_targets(classes, index),
-                                                               acc_weight, eps, softcap, buffers)
-        else:
+    if probability:
+        loss_rows, lse_rows, mass_rows = rows_of_zeros(), rows_of_zeros(), rows_of_zeros()
+        for index in chunks:
             logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
-            scratch = buffers.scratch_for(logits, owned)
-            if probability:
-                loss, lse, mass = _probability_chunk_forward(logits, target_source[index], acc_weight, eps, scratch,
-                                                             buffers)
-                mass_rows[index].copy_(mass.view(chunk_row_shape))
+            loss, lse, mass = _probability_chunk_forward(logits, target_source[index], acc_weight, eps,
+                                                         buffers.scratch_for(logits, owned), buffers)
+            for rows, values in ((loss_rows, loss), (lse_rows, lse), (mass_rows, mass)):
+                rows[index].view(-1).copy_(values)
+    else:
+        valid, safe_target = classes
+        parts = _ClassIndexRows(rows_of_zeros(), rows_of_zeros(), rows_of_zeros() if eps > 0 else None)
+        for index in chunks:
+            chunk_target = safe_target[index].reshape(-1)
+            if num_classes <= CLASS_MAJOR_MAX_CLASSES:
+                _class_index_chunk_forward_class_major(class_last[index], chunk_target, acc_weight, softcap, buffers,
+                                                       parts.of_chunk(index))
             else:
-                loss, lse = _class_index_chunk_forward(logits, *_chunk_class_targets(classes, index), acc_weight,
-                                                       eps, scratch)
-        loss_rows[index].copy_(loss.view(chunk_row_shape))
-        lse_rows[index].copy_(lse.view(chunk_row_shape))
+                logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
+                _class_index_chunk_forward(logits, chunk_target, acc_weight, buffers.scratch_for(logits, owned),
+                                           parts.of_chunk(index))
+        loss_rows, lse_rows = _class_index_loss(valid, _target_weights_or_none(safe_target, acc_weight, acc), parts,
+                                                eps, num_classes)
+        mass_rows = rows_of_zeros((0,))
 
     if reduction == _REDUCTION_NONE:
         return loss_rows, lse_rows, mass_rows
@@ -385,13 +402,18 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
 
 
 class _GradScales(NamedTuple):
-    """Per-row constants of the class-index gradient of a chunk: dL/dz_j = prob_scale * p_j - smooth_scale * w_j
-    - [j = y] * target_scale (smooth_scale None when eps = 0), with p_j = exp(z_j - lse)."""
+    """Per-row constants of the class-index gradient: dL/dz_j = prob_scale * p_j - smooth_scale * w_j
+    + [j = y] * target_shift (smooth_scale None when eps = 0), with p_j = exp(z_j - lse). Computed once per
+    call for all rows (in the row shape); each chunk takes its rows with of_chunk."""
     lse: Tensor
     prob_scale: Tensor
     smooth_scale: Tensor | None
-    target_scale: Tensor
+    target_shift: Tensor
     safe_target: Tensor
+
+    def of_chunk(self, index: tuple) -> "_GradScales":
+        """The scales of the rows that `index` selects, flat."""
+        return _GradScales(*(None if rows is None else rows[index].reshape(-1) for rows in self))
 
 
 def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor, safe_target: Tensor,
@@ -404,14 +426,14 @@ def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor
     lse = torch.where(valid, lse, math.inf)
     smooth_mass = smooth * _weight_total(weight, num_classes)
     if w_target is None:
-        target_scale, prob_scale = upstream * (1.0 - eps), upstream * ((1.0 - eps) + smooth_mass)
+        target_shift, prob_scale = upstream * -(1.0 - eps), upstream * ((1.0 - eps) + smooth_mass)
     else:
         target_weight = (1.0 - eps) * w_target
-        target_scale, prob_scale = upstream * target_weight, upstream * (target_weight + smooth_mass)
+        target_shift, prob_scale = (upstream * target_weight).neg_(), upstream * (target_weight + smooth_mass)
     # A gradient reaching lse (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
     if grad_lse is not None:
         prob_scale = prob_scale + torch.where(valid, grad_lse, 0.0)
-    return _GradScales(lse, prob_scale, None if eps == 0 else upstream * smooth, target_scale, safe_target)
+    return _GradScales(lse, prob_scale, None if eps == 0 else upstream * smooth, target_shift, safe_target)
 
 
 def _class_index_chunk_backward(logits: Tensor, scales: _GradScales, weight: Tensor | None, scratch: Tensor,
@@ -425,7 +447,7 @@ def _class_index_chunk_backward(logits: Tensor, scales: _GradScales, weight: Ten
     else:
         grad = torch.addcmul(probs.mul_(prob_scale), scales.smooth_scale.unsqueeze(1), weight, value=-1.0, out=out)
     offsets = _target_offsets(scales.safe_target, logits.shape[1])
-    return grad.view(-1).index_add_(0, offsets, -scales.target_scale).view(grad.shape)
+    return grad.view(-1).index_add_(0, offsets, scales.target_shift).view(grad.shape)
 
 
 def _class_index_chunk_backward_class_major(block: Tensor, scales: _GradScales, weight: Tensor | None,
@@ -443,7 +465,7 @@ def _class_index_chunk_backward_class_major(block: Tensor, scales: _GradScales, 
         logits = _class_major_rows(block, softcap, buffers)
         probs = _class_major.probabilities(block, logits, scales.lse, buffers.matrix("probs", num_classes, rows))
         derivative = _softcap_derivative(logits, softcap)
-    _class_major.write_gradient(probs, scales.prob_scale, scales.smooth_scale, scales.target_scale,
+    _class_major.write_gradient(probs, scales.prob_scale, scales.smooth_scale, scales.target_shift,
                                 scales.safe_target, weight, derivative, out)
 
 
@@ -487,17 +509,18 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
 
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_class_last = grad_input.movedim(class_dim, -1)
-    chunks = _row_chunks(row_shape, num_classes)
+    chunks = _row_chunks(row_shape, num_classes, input.dtype, acc)
     largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
     buffers = _ChunkBuffers(largest, acc, input.device)
     class_major = not probability and num_classes <= CLASS_MAJOR_MAX_CLASSES
+    all_scales = None if probability else _class_index_grad_scales(acc_lse, acc_grad_lse, *classes, upstream_rows,
+                                                                   acc_weight, eps, num_classes)
     for index in chunks:
         chunk_lse = acc_lse[index].reshape(-1)
         chunk_grad_lse = None if acc_grad_lse is None else acc_grad_lse[index].reshape(-1)
         upstream = upstream_rows[index].reshape(-1)
         chunk_out = grad_class_last[index]
-        scales = None if probability else _class_index_grad_scales(
-            chunk_lse, chunk_grad_lse, *_chunk_class_targets(classes, index), upstream, acc_weight, eps, num_classes)
+        scales = None if probability else all_scales.of_chunk(index)
         if class_major:
             _class_index_chunk_backward_class_major(class_last[index], scales, acc_weight, softcap, buffers, chunk_out)
             continue
