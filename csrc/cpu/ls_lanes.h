@@ -119,6 +119,10 @@ LS_INLINE Lanes<T> select(MaskOf<T> mask, NonDeduced<T> a, Lanes<T> b) {
   return b;
 }
 LS_INLINE float select(bool mask, float a, float b) { return mask ? a : b; }
+// ...and on one native vector (see exp_vectorizable).
+LS_INLINE Native<float>::type select(Native<int32_t>::type mask, float a, Native<float>::type b) {
+  return mask ? a : b;
+}
 
 template <typename T>
 LS_INLINE Lanes<T> broadcast(T x) {
@@ -138,20 +142,23 @@ LS_INLINE MaskOf<T> first_lanes(int64_t n) {
 }
 
 // Sum and max over the lanes, always in lane order, so they too are the same on every instruction set.
+// Lanes are read by subscript, not copied out with memcpy: a memcpy of the whole block keeps GCC from
+// holding its parts in registers, and the accumulators of the loops around went through the stack.
+template <typename T>
+LS_INLINE T lane(Lanes<T> v, int64_t l) {
+  constexpr int64_t kPartLanes = kLaneCount<T> / Lanes<T>::kParts;
+  return v.part[l / kPartLanes][l % kPartLanes];
+}
 template <typename T>
 LS_INLINE T sum_lanes(Lanes<T> v) {
-  T lanes[kLaneCount<T>];
-  std::memcpy(lanes, &v, sizeof(v));
-  T s = lanes[0];
-  for (int64_t l = 1; l < kLaneCount<T>; ++l) s += lanes[l];
+  T s = lane(v, 0);
+  for (int64_t l = 1; l < kLaneCount<T>; ++l) s += lane(v, l);
   return s;
 }
 template <typename T>
 LS_INLINE T max_lanes(Lanes<T> v) {
-  T lanes[kLaneCount<T>];
-  std::memcpy(lanes, &v, sizeof(v));
-  T m = lanes[0];
-  for (int64_t l = 1; l < kLaneCount<T>; ++l) m = lanes[l] > m ? lanes[l] : m;
+  T m = lane(v, 0);
+  for (int64_t l = 1; l < kLaneCount<T>; ++l) m = lane(v, l) > m ? lane(v, l) : m;
   return m;
 }
 
@@ -227,7 +234,14 @@ LS_INLINE Lanes<float> bits_as_float(Lanes<int32_t> bits) {
   return v;
 }
 
+LS_INLINE Native<float>::type bits_as_float(Native<int32_t>::type bits) {
+  return reinterpret_cast<Native<float>::type>(bits);
+}
+
 LS_INLINE int32_t truncate_to_int32(float x) { return static_cast<int32_t>(x); }
+LS_INLINE Native<int32_t>::type truncate_to_int32(Native<float>::type x) {
+  return __builtin_convertvector(x, Native<int32_t>::type);
+}
 LS_INLINE Lanes<int32_t> truncate_to_int32(Lanes<float> x) {
   Lanes<int32_t> v;
   for (int i = 0; i < Lanes<float>::kParts; ++i) {
