@@ -119,10 +119,6 @@ LS_INLINE Lanes<T> select(MaskOf<T> mask, NonDeduced<T> a, Lanes<T> b) {
   return b;
 }
 LS_INLINE float select(bool mask, float a, float b) { return mask ? a : b; }
-// ...and on one native vector (see exp_vectorizable).
-LS_INLINE Native<float>::type select(Native<int32_t>::type mask, float a, Native<float>::type b) {
-  return mask ? a : b;
-}
 
 template <typename T>
 LS_INLINE Lanes<T> broadcast(T x) {
@@ -234,14 +230,7 @@ LS_INLINE Lanes<float> bits_as_float(Lanes<int32_t> bits) {
   return v;
 }
 
-LS_INLINE Native<float>::type bits_as_float(Native<int32_t>::type bits) {
-  return reinterpret_cast<Native<float>::type>(bits);
-}
-
 LS_INLINE int32_t truncate_to_int32(float x) { return static_cast<int32_t>(x); }
-LS_INLINE Native<int32_t>::type truncate_to_int32(Native<float>::type x) {
-  return __builtin_convertvector(x, Native<int32_t>::type);
-}
 LS_INLINE Lanes<int32_t> truncate_to_int32(Lanes<float> x) {
   Lanes<int32_t> v;
   for (int i = 0; i < Lanes<float>::kParts; ++i) {
