@@ -240,27 +240,28 @@ LS_INLINE Lanes<int32_t> truncate_to_int32(Lanes<float> x) {
 }
 
 // exp(x) for a float or fp32 lanes, branch-free. Cephes' expf polynomial: about 1 ulp on the range the
-// kernels use (x <= 0: arguments are z - max or z - lse). Arguments below -87.3 give exactly 0 (as a
-// -inf logit must: whatever the polynomial made of them is replaced); NaN stays NaN through the
-// arithmetic; the top is clamped at 88 (never reached here). One template for both, so that scalar and
-// vector code round identically.
+// kernels use (x <= 0, up to rounding: arguments are z - max or z - lse; above 88 it would overflow).
+// Arguments below -87.3 give exactly 0 (as a -inf logit must: whatever the polynomial made of them is
+// replaced); NaN stays NaN through the arithmetic. The polynomial is evaluated by Estrin's scheme, not
+// Horner's: 6 dependent steps instead of 10, and the exp is the latency chain that bounds the kernels'
+// loops (without fused multiply-adds, which would make instruction sets round differently). One template
+// for both, so that scalar and vector code round identically.
 template <typename V>
 LS_INLINE V exp_vectorizable(V x) {
   constexpr float kLowest = -87.33654475f;
-  constexpr float kHighest = 88.0f;
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const V xc = select(x > kHighest, kHighest, x);
-  const V n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
-  const V r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V poly = p * r * r + r + 1.0f;
+  const V n = (x * kLog2e + kRoundMagic) - kRoundMagic;
+  const V r = (x - n * kLn2Hi) - n * kLn2Lo;
+  const V r2 = r * r;
+  // p = c0 + c1 r + ... + c5 r^5, as (c0 + c1 r) + r^2 ((c2 + c3 r) + r^2 (c4 + c5 r))
+  const V low = r * 1.6666665459e-1f + 5.0000001201e-1f;
+  const V middle = r * 8.3334519073e-3f + 4.1665795894e-2f;
+  const V high = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  const V p = low + r2 * (middle + r2 * high);
+  const V poly = (p * r2 + r) + 1.0f;
   const V scale = bits_as_float((truncate_to_int32(n) + 127) << 23);
   return select(x < kLowest, 0.0f, poly * scale);
 }
