@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the AVX2 copy's bf16 conversions (ls_lanes.h)
+#endif
+
 #include "cpu/ls_cpu_common.h"
 #include "cpu/ls_cpu_kernels.h"
 #include "cpu/ls_simd.h"

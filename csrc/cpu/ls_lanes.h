@@ -172,7 +172,13 @@ LS_INLINE Lanes<float> load_lanes(const bf16_bits* p) {
   for (int i = 0; i < Lanes<float>::kParts; ++i) {
     u16_half_native half;
     std::memcpy(&half, p + i * sizeof(half) / 2, sizeof(half));
+#if LS_CPU_VECTOR_BYTES == 32
+    // One vpmovzxwd: GCC lowers the generic conversion below as two 128-bit halves and an insert.
+    const __m256i widened = _mm256_cvtepu16_epi32(reinterpret_cast<__m128i>(half));
+    v.part[i] = reinterpret_cast<Native<float>::type>(_mm256_slli_epi32(widened, 16));
+#else
     v.part[i] = reinterpret_cast<Native<float>::type>(__builtin_convertvector(half, u32_native) << 16);
+#endif
   }
   return v;
 }
@@ -202,7 +208,15 @@ LS_INLINE void store_lanes(bf16_bits* p, Lanes<float> v) {
     const u32_native u = reinterpret_cast<u32_native>(v.part[i]);
     const u32_native rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     const auto is_nan = reinterpret_cast<Native<int32_t>::type>(u & 0x7FFFFFFFu) > 0x7F800000;
-    const u16_half_native half = __builtin_convertvector(is_nan ? 0x7FC0u : rounded, u16_half_native);
+    const u32_native bits = is_nan ? 0x7FC0u : rounded;
+#if LS_CPU_VECTOR_BYTES == 32
+    // Pack (values fit 16 bits, so unsigned saturation changes none) and gather the two 64-bit halves
+    // that hold them: GCC's lowering of the generic narrowing conversion takes several more shuffles.
+    const __m256i packed = _mm256_packus_epi32(reinterpret_cast<__m256i>(bits), reinterpret_cast<__m256i>(bits));
+    const __m128i half = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+#else
+    const u16_half_native half = __builtin_convertvector(bits, u16_half_native);
+#endif
     std::memcpy(p + i * sizeof(half) / 2, &half, sizeof(half));
   }
 }
