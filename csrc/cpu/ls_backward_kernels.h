@@ -82,10 +82,23 @@ void backward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, const RowGrad
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap, bool kRowLanes>
 void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0, int64_t lanes,
                    const RowGrad<acc_t>& g, scalar_t* grad) {
-  const TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
+  TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
   const scalar_t* base = p.logits + at.logits_base;
   const target_t* target_base = p.target + at.target_base;
   scalar_t* out_base = grad + at.target_base;
+  // Short (N, C) rows (at most kShortRowClassesBackward classes, backward_problem): the logits are read
+  // from, and the gradient written to, class-major local tiles (stage_row_tile), so that every load and
+  // store of the loop below is contiguous; the gradient tile is copied out row by row at the end.
+  constexpr int64_t kStaged = kRowLanes ? kShortRowClassesBackward * kTileLanes : 1;
+  scalar_t staged[kStaged], staged_out[kStaged];
+  int64_t out_class = at.target_class, out_lane = at.target_lane;
+  if constexpr (kRowLanes) {
+    base = stage_row_tile(base, at.logits_lane, p.classes, lanes, staged);
+    at.logits_class = kTileLanes;
+    at.logits_lane = 1;
+    out_class = kTileLanes;
+    out_lane = 1;
+  }
   acc_t row_lse[kTileLanes], upstream[kTileLanes], prob_scale[kTileLanes];
   int64_t target_class[kTileLanes];
   ClassIndexGradCoefs<acc_t> coefs[kTileLanes];
@@ -107,7 +120,7 @@ void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, in
   }
   for (int64_t c = 0; c < p.classes; ++c) {
     const scalar_t* zc = base + c * at.logits_class;
-    scalar_t* out = out_base + c * at.target_class;
+    scalar_t* out = (kRowLanes ? staged_out : out_base) + c * out_class;
     const acc_t w_c = p.weight == nullptr ? acc_t(1) : p.weight[c];
 #pragma omp simd
     for (int64_t l = 0; l < lanes; ++l) {
@@ -123,7 +136,12 @@ void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, in
         value = target_class[l] < 0 ? acc_t(0) : class_index_grad(coefs[l], prob, w_c, c == target_class[l]);
       }
       if constexpr (kSoftcap) value = value * derivative;
-      out[l * at.target_lane] = store_from_acc<scalar_t, acc_t>(value);
+      out[l * out_lane] = store_from_acc<scalar_t, acc_t>(value);
+    }
+  }
+  if constexpr (kRowLanes) {
+    for (int64_t l = 0; l < lanes; ++l) {
+      for (int64_t c = 0; c < p.classes; ++c) out_base[l * at.target_lane + c] = staged_out[c * kTileLanes + l];
     }
   }
 }

@@ -82,6 +82,18 @@ constexpr int64_t kShortRowClassesBackward = 12;
 // Rows per tile of the (N, C, d1, ...) layout: one row per lane, lanes adjacent in memory.
 constexpr int64_t kTileLanes = 32;
 
+// Copies a tile of short (N, C) rows (`lanes` rows of `classes` logits, row_stride apart) into `staged`
+// class by class, kTileLanes apart: the tile's passes then load one class of every row as one contiguous
+// vector instead of gathering it element by element, once per pass. Returns the copy.
+template <typename scalar_t>
+LS_INLINE const scalar_t* stage_row_tile(const scalar_t* rows, int64_t row_stride, int64_t classes, int64_t lanes,
+                                         scalar_t* staged) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    for (int64_t c = 0; c < classes; ++c) staged[c * kTileLanes + l] = rows[l * row_stride + c];
+  }
+  return staged;
+}
+
 // Runs fn(o, i0, lanes) over every tile of an [outer, classes, inner] problem, tiles spread over threads.
 template <typename Fn>
 void for_each_tile(int64_t outer, int64_t classes, int64_t inner, Fn fn) {

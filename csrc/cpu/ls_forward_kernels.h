@@ -135,15 +135,21 @@ void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, RowOutputs<acc
 // One tile of `lanes` rows, read class by class with the lanes side by side, so that the loops run
 // across rows: (N, C, d1, ...) layout (kRowLanes false): rows i0 .. i0 + lanes - 1 of outer index o,
 // adjacent in memory, so every load is contiguous; short (N, C) rows (kRowLanes true): rows
-// i0 .. i0 + lanes - 1, where per-row loops of a few classes would be all prologue and epilogue, and
-// a load gathers one class of each row. Two passes (max and sums, then sum of exp) over a tile that
+// i0 .. i0 + lanes - 1, where per-row loops of a few classes would be all prologue and epilogue, first
+// copied class-major into a local tile (stage_row_tile) so that loads are contiguous too. Two passes (max and sums, then sum of exp) over a tile that
 // stays in cache; with soft-capping, each pass caps the logits it reads.
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap, bool kRowLanes>
 void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0, int64_t lanes,
                   RowOutputs<acc_t> out) {
-  const TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
+  TileAddressing at = tile_addressing<kRowLanes>(p, o, i0);
   const scalar_t* base = p.logits + at.logits_base;
   const target_t* target_base = p.target + at.target_base;
+  scalar_t staged[kRowLanes ? kShortRowClassesForward * kTileLanes : 1];
+  if constexpr (kRowLanes) {  // rows of at most kShortRowClassesForward classes (forward_problem)
+    base = stage_row_tile(base, at.logits_lane, p.classes, lanes, staged);
+    at.logits_class = kTileLanes;
+    at.logits_lane = 1;
+  }
   acc_t pivot[kTileLanes], m[kTileLanes], s[kTileLanes], shifted[kTileLanes], mass[kTileLanes];
   for (int64_t l = 0; l < lanes; ++l) {
     pivot[l] = row_pivot(row_logit<kSoftcap>(p, base + l * at.logits_lane, 0));
