@@ -8,8 +8,9 @@ Rows are processed in chunks of at most ``CHUNK_LOGITS`` logits (at least one ro
 moved last only inside the chunk, so the N x K temporaries never exceed one chunk whatever the batch
 size, and large inputs are never copied whole. Each chunk goes through PyTorch's fused, vectorized
 (log-)softmax kernels and a few in-place passes over buffers that are allocated once per call and stay
-in the last-level cache, which is what makes this as fast as eager ``F.cross_entropy`` while holding far
-less memory. Rows of few classes (image classification's 10 or 100) go class-major instead
+in the last-level cache, which keeps it near the speed of eager ``F.cross_entropy`` (faster at most of the
+benchmark's shapes; see the README) while holding far less memory. Per-row work runs once per call, on
+tensors of all the rows, not once per chunk. Rows of few classes (image classification's 10 or 100) go class-major instead
 (_reference_class_major.py): there every pass is vectorized across rows rather than along rows too
 short to vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any
 device.

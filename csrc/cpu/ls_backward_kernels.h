@@ -113,9 +113,11 @@ void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, in
       const bool active = y != p.ignore_index;
       target_class[l] = active ? y : -1;
       const acc_t w_y = !active ? acc_t(0) : (p.weight == nullptr ? acc_t(1) : p.weight[y]);
-      // Ignored rows get all-zero coefficients and a zero gradient (their lse is 0, never used).
+      // Ignored rows get all-zero coefficients and a zero gradient. Their saved lse is 0; +inf instead keeps
+      // the exp below (computed for every lane, then discarded) within its range: z - inf <= 0.
       coefs[l] = active ? class_index_coefs_of_row(p, upstream[l], g.of_lse(r), w_y)
                         : ClassIndexGradCoefs<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+      if (!active) row_lse[l] = acc_t(INFINITY);
     }
   }
   for (int64_t c = 0; c < p.classes; ++c) {

@@ -136,8 +136,9 @@ void forward_rows(const RowProblem<scalar_t, target_t, acc_t>& p, RowOutputs<acc
 // across rows: (N, C, d1, ...) layout (kRowLanes false): rows i0 .. i0 + lanes - 1 of outer index o,
 // adjacent in memory, so every load is contiguous; short (N, C) rows (kRowLanes true): rows
 // i0 .. i0 + lanes - 1, where per-row loops of a few classes would be all prologue and epilogue, first
-// copied class-major into a local tile (stage_row_tile) so that loads are contiguous too. Two passes (max and sums, then sum of exp) over a tile that
-// stays in cache; with soft-capping, each pass caps the logits it reads.
+// copied class-major into a local tile (stage_row_tile) so that loads are contiguous too. Two passes (max
+// and sums, then sum of exp) over a tile that stays in cache; with soft-capping, each pass caps the logits
+// it reads.
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap, bool kRowLanes>
 void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int64_t i0, int64_t lanes,
                   RowOutputs<acc_t> out) {

@@ -253,13 +253,13 @@ LS_INLINE Lanes<int32_t> truncate_to_int32(Lanes<float> x) {
   return v;
 }
 
-// exp(x) for a float or fp32 lanes, branch-free. Cephes' expf polynomial: about 1 ulp on the range the
-// kernels use (x <= 0, up to rounding: arguments are z - max or z - lse; above 88 it would overflow).
+// exp(x) for a float or fp32 lanes, branch-free, for x <= 88: every caller passes z - max or z - lse, <= 0 up
+// to rounding (beyond 88 the scale's exponent would overflow). Cephes' expf polynomial: about 1 ulp there.
 // Arguments below -87.3 give exactly 0 (as a -inf logit must: whatever the polynomial made of them is
 // replaced); NaN stays NaN through the arithmetic. The polynomial is evaluated by Estrin's scheme, not
-// Horner's: 6 dependent steps instead of 10, and the exp is the latency chain that bounds the kernels'
-// loops (without fused multiply-adds, which would make instruction sets round differently). One template
-// for both, so that scalar and vector code round identically.
+// Horner's: 6 dependent steps instead of 10, and the exp is the latency chain that bounds the kernels' loops
+// (without fused multiply-adds, which would make instruction sets round differently; a clamp at the top
+// cost another 8%). One template for both, so that scalar and vector code round identically.
 template <typename V>
 LS_INLINE V exp_vectorizable(V x) {
   constexpr float kLowest = -87.33654475f;
