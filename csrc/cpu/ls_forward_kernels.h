@@ -182,9 +182,14 @@ void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int
       s[l] += m[l] == -INFINITY ? acc_t(0) : e;
     }
   }
+  // lse = max + log(sum), as softmax_state_lse, with a log that vectorizes across the lanes (an all -inf
+  // row keeps lse = -inf).
+  acc_t lse[kTileLanes];
+#pragma omp simd
+  for (int64_t l = 0; l < lanes; ++l) lse[l] = m[l] == -INFINITY ? m[l] : m[l] + log_at_least_one(s[l]);
   for (int64_t l = 0; l < lanes; ++l) {
     const int64_t r = at.first_row + l;
-    const acc_t row_lse = softmax_state_lse(SoftmaxState<acc_t>{m[l], s[l]});
+    const acc_t row_lse = lse[l];
     if constexpr (kProbability) {
       out.lse[r] = row_lse;
       out.loss[r] = probability_row_loss(row_lse, mass[l], shifted[l], pivot[l]);

@@ -238,6 +238,11 @@ LS_INLINE float bits_as_float(int32_t bits) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+LS_INLINE int32_t float_as_bits(float f) {
+  int32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+}
 LS_INLINE Lanes<float> bits_as_float(Lanes<int32_t> bits) {
   Lanes<float> v;
   for (int i = 0; i < Lanes<float>::kParts; ++i) v.part[i] = reinterpret_cast<Native<float>::type>(bits.part[i]);
@@ -279,6 +284,32 @@ LS_INLINE V exp_vectorizable(V x) {
   const V scale = bits_as_float((truncate_to_int32(n) + 127) << 23);
   return select(x < kLowest, 0.0f, poly * scale);
 }
+
+// log(x) for x >= 1 or NaN, branch-free and vectorizable by the `omp simd` loops that call it: the log of a
+// row's sum of exp(z - max), which holds the max's own exp(0) = 1. Cephes' logf (x = 2^e f with f in
+// [sqrt(1/2), sqrt(2)), a degree-8 polynomial in f - 1): at most 0.77 ulp on [1, 64], exactly 0 at 1. The
+// library's scalar log was a fifth of the tile forward's time at 10 classes.
+LS_INLINE float log_at_least_one(float x) {
+  const int32_t bits = float_as_bits(x);
+  const float mantissa = bits_as_float((bits & 0x007FFFFF) | 0x3F000000);  // in [1/2, 1), x = mantissa 2^e
+  const bool below_sqrt_half = mantissa < 0.70710678118654752440f;
+  const float e = static_cast<float>((bits >> 23) - 126 - (below_sqrt_half ? 1 : 0));
+  const float f = below_sqrt_half ? (mantissa + mantissa) - 1.0f : mantissa - 1.0f;
+  const float f2 = f * f;
+  float p = f * 7.0376836292e-2f + -1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f + -1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f + -1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f + -2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float y = ((p * f * f2 + e * -2.12194440e-4f) + f2 * -0.5f);
+  const float log_x = (f + y) + e * 0.693359375f;
+  return x != x ? x : log_x;
+}
+// fp64: the library log, as for exp.
+LS_INLINE double log_at_least_one(double x) { return __builtin_log(x); }
 
 // fp64 is the reference-precision path: the library exp keeps it exact rather than fast.
 LS_INLINE double exp_vectorizable(double x) { return __builtin_exp(x); }
