@@ -14,16 +14,18 @@ import torch
 
 import labelsmooth_ext
 
-from conftest import REDUCTION_CODES, accumulation_dtype, op_backward, op_forward, skip_unless_compiled
+from conftest import (REDUCTION_CODES, accumulation_dtype, grad_output_like, op_backward, op_forward, randn,
+                      skip_unless_compiled)
 from cpu_isa_paths import ALL_ISAS, compiled_module, running_on, supported_isas
-from test_matrix import CASES, CORE_CASES, _case_id, build_case, check_against_float64
+from test_matrix import CASES, CORE_CASES, DTYPES, _case_id, build_case, check_against_float64
 import test_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Cases that reach every kernel path, beyond the matrix's K <= 4099: rows of several chunks (8192
-# logits each), a row split over threads (fewer rows than threads), tiles of short (N, C) rows and of
-# (N, C, d) rows, probability targets on each, with and without weights.
+# logits each), a row split over threads (fewer rows than threads), tiles of short (N, C) rows (K = 7:
+# copied element by element; K = 10: in blocks of 8 x 8, the last block of classes overlapping, in both
+# passes) and of (N, C, d) rows, probability targets on each, with and without weights.
 KERNEL_PATH_CASES = [
     {"dtype": dtype, "reduction": "none", "weight": weight, "eps": 0.1, "target": target, "ignore": ignore,
      "K": k, "shape": shape, "layout": layout}
@@ -31,7 +33,8 @@ KERNEL_PATH_CASES = [
     for weight in ("none", "random")
     for target, ignore in (("int64", "some"), ("prob", "none"))
     for k, shape, layout in ((3 * 8192 + 17, "NC", "sliced"), (2 * 8192 + 5, "C", "contiguous"),
-                             (7, "NC", "contiguous"), (33, "NCd", "contiguous"), (300, "NC", "contiguous"))
+                             (7, "NC", "contiguous"), (10, "NC", "sliced"), (33, "NCd", "contiguous"),
+                             (300, "NC", "contiguous"))
     if not (shape == "C" and ignore == "some")
 ]
 
@@ -83,7 +86,8 @@ def test_all_isas_give_the_same_bits(case, gen, restore_num_threads):
 
 @pytest.mark.parametrize("isa", ALL_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_classes", [7, 33, 300])  # a tile of short rows in both passes, in the forward only, none
+# Tiles of short rows in both passes (copied element by element, in blocks), in the forward only, none.
+@pytest.mark.parametrize("num_classes", [7, 10, 33, 300])
 def test_ignored_rows_with_extreme_logits_get_exactly_zero_gradient(isa, dtype, num_classes, gen):
     """Ignored rows are computed alongside the others in a tile and then discarded; logits far outside the
     exp's range (1000, +-inf, NaN) there must neither leak into them nor disturb the valid rows."""
@@ -109,6 +113,23 @@ def test_ignored_rows_with_extreme_logits_get_exactly_zero_gradient(isa, dtype, 
     assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
     # A row's gradient ('sum': upstream 1) depends on that row alone, so the same bits as without the others.
     assert torch.equal(grad[valid], grad_of_valid_rows)
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("num_classes", [8, 10, 12, 40])
+def test_short_row_tiles_match_float64_reference(isa, dtype, num_classes, gen):
+    """Tiles of short (N, C) rows are copied to and from class-major tiles in blocks of 8 rows x 8 classes
+    (the last block of classes overlapping the one before it unless K is a multiple of 8), the rows left
+    over element by element. 75 rows: two whole tiles of 32 rows, then one of 11 (a block and 3 rows).
+    K = 8 .. 12 takes the tiles in both passes, K = 40 in the forward only."""
+    rows = 75
+    logits = randn((rows, num_classes), gen, DTYPES[dtype], scale=3.0)
+    target = torch.randint(0, num_classes, (rows,), generator=gen)
+    target[torch.randperm(rows, generator=gen)[:9]] = -100
+    inputs = (logits, target, None, -100, "none", 0.1, grad_output_like((rows,), gen))
+    with running_on(isa):
+        check_against_float64("compiled_op", inputs)
 
 
 # The options the kernels see (soft-capping, the 'others' eps, a gradient reaching the lse), combined as in

@@ -88,7 +88,7 @@ void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, in
   scalar_t* out_base = grad + at.target_base;
   // Short (N, C) rows (at most kShortRowClassesBackward classes, backward_problem): the logits are read
   // from, and the gradient written to, class-major local tiles (stage_row_tile), so that every load and
-  // store of the loop below is contiguous; the gradient tile is copied out row by row at the end.
+  // store of the loop below is contiguous; the gradient tile is copied out at the end (unstage_row_tile).
   constexpr int64_t kStaged = kRowLanes ? kShortRowClassesBackward * kTileLanes : 1;
   scalar_t staged[kStaged], staged_out[kStaged];
   int64_t out_class = at.target_class, out_lane = at.target_lane;
@@ -99,26 +99,40 @@ void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, in
     out_class = kTileLanes;
     out_lane = 1;
   }
+  // Each row's constants. The class-index coefficients are computed for all lanes at once, from arrays of
+  // each row's inputs: their double-precision formulas cost as much as the rest of a tile of few classes
+  // when computed one row at a time.
   acc_t row_lse[kTileLanes], upstream[kTileLanes], prob_scale[kTileLanes];
+  acc_t smooth_scale[kTileLanes], target_scale[kTileLanes], w_target[kTileLanes], lse_grad[kTileLanes];
   int64_t target_class[kTileLanes];
   ClassIndexGradCoefs<acc_t> coefs[kTileLanes];
   for (int64_t l = 0; l < lanes; ++l) {
     const int64_t r = at.first_row + l;
     row_lse[l] = g.lse[r];
     upstream[l] = g.loss(r);
+    lse_grad[l] = g.of_lse(r);
     if constexpr (kProbability) {
-      prob_scale[l] = upstream[l] * g.mass[r] + g.of_lse(r);
+      prob_scale[l] = upstream[l] * g.mass[r] + lse_grad[l];
     } else {
       const int64_t y = p.target[r];
-      const bool active = y != p.ignore_index;
-      target_class[l] = active ? y : -1;
-      const acc_t w_y = !active ? acc_t(0) : (p.weight == nullptr ? acc_t(1) : p.weight[y]);
+      target_class[l] = y != p.ignore_index ? y : -1;
+      w_target[l] = p.weight == nullptr || y == p.ignore_index ? acc_t(1) : p.weight[y];
+    }
+  }
+  if constexpr (!kProbability) {
+#pragma omp simd
+    for (int64_t l = 0; l < lanes; ++l) {
+      const auto coefs = class_index_coefs_of_row(p, upstream[l], lse_grad[l], w_target[l]);
       // Ignored rows get all-zero coefficients and a zero gradient. Their saved lse is 0; +inf instead keeps
       // the exp below (computed for every lane, then discarded) within its range: z - inf <= 0.
-      coefs[l] = active ? class_index_coefs_of_row(p, upstream[l], g.of_lse(r), w_y)
-                        : ClassIndexGradCoefs<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
-      if (!active) row_lse[l] = acc_t(INFINITY);
+      const bool active = target_class[l] >= 0;
+      prob_scale[l] = active ? coefs.prob_scale : acc_t(0);
+      smooth_scale[l] = active ? coefs.smooth_scale : acc_t(0);
+      target_scale[l] = active ? coefs.target_scale : acc_t(0);
+      row_lse[l] = active ? row_lse[l] : acc_t(INFINITY);
     }
+    // The loop below reads them as one array of structs: with three arrays, GCC leaves it scalar.
+    for (int64_t l = 0; l < lanes; ++l) coefs[l] = {prob_scale[l], smooth_scale[l], target_scale[l]};
   }
   for (int64_t c = 0; c < p.classes; ++c) {
     const scalar_t* zc = base + c * at.logits_class;
@@ -141,11 +155,7 @@ void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, in
       out[l * out_lane] = store_from_acc<scalar_t, acc_t>(value);
     }
   }
-  if constexpr (kRowLanes) {
-    for (int64_t l = 0; l < lanes; ++l) {
-      for (int64_t c = 0; c < p.classes; ++c) out_base[l * at.target_lane + c] = staged_out[c * kTileLanes + l];
-    }
-  }
+  if constexpr (kRowLanes) unstage_row_tile(staged_out, p.classes, lanes, out_base, at.target_lane);
 }
 
 template <typename scalar_t, typename target_t, typename acc_t, bool kProbability, bool kSoftcap>

@@ -82,18 +82,6 @@ constexpr int64_t kShortRowClassesBackward = 12;
 // Rows per tile of the (N, C, d1, ...) layout: one row per lane, lanes adjacent in memory.
 constexpr int64_t kTileLanes = 32;
 
-// Copies a tile of short (N, C) rows (`lanes` rows of `classes` logits, row_stride apart) into `staged`
-// class by class, kTileLanes apart: the tile's passes then load one class of every row as one contiguous
-// vector instead of gathering it element by element, once per pass. Returns the copy.
-template <typename scalar_t>
-LS_INLINE const scalar_t* stage_row_tile(const scalar_t* rows, int64_t row_stride, int64_t classes, int64_t lanes,
-                                         scalar_t* staged) {
-  for (int64_t l = 0; l < lanes; ++l) {
-    for (int64_t c = 0; c < classes; ++c) staged[c * kTileLanes + l] = rows[l * row_stride + c];
-  }
-  return staged;
-}
-
 // Runs fn(o, i0, lanes) over every tile of an [outer, classes, inner] problem, tiles spread over threads.
 template <typename Fn>
 void for_each_tile(int64_t outer, int64_t classes, int64_t inner, Fn fn) {
@@ -107,20 +95,36 @@ void for_each_tile(int64_t outer, int64_t classes, int64_t inner, Fn fn) {
   });
 }
 
+// sum_{i < n} term(i) in double, in an order fixed by n alone (so the same bits for any thread count): term i
+// goes to partial sum i % kInterleavedSums, and the partial sums are added in order at the end. A single
+// running sum would make every add wait for the one before (a chain as long as the rows, which took as
+// long as a tile forward of ten classes); the independent partial sums also vectorize.
+constexpr int64_t kInterleavedSums = 8;
+template <typename Term>
+LS_INLINE double interleaved_sum(int64_t n, Term term) {
+  double partial[kInterleavedSums] = {};
+  int64_t i = 0;
+  for (; i + kInterleavedSums <= n; i += kInterleavedSums) {
+    for (int64_t k = 0; k < kInterleavedSums; ++k) partial[k] += term(i + k);
+  }
+  for (int64_t k = 0; i + k < n; ++k) partial[k] += term(i + k);
+  double total = 0;
+  for (int64_t k = 0; k < kInterleavedSums; ++k) total += partial[k];
+  return total;
+}
+
 // Raises IndexError for the first class index that is neither in [0, classes) nor ignore_index.
 // Done before any kernel runs, so a bad target never reads out of bounds.
 void check_class_indices(const int64_t* target, int64_t rows, int64_t classes, int64_t ignore_index);
 
 // The mean's denominator for class-index targets: sum of w[y] over rows whose y != ignore_index
-// (their count without weights). Summed in row order in double, so it is the same for any thread count.
+// (their count without weights). Summed by interleaved_sum, so it is the same for any thread count.
 template <typename acc_t>
 acc_t class_index_mean_denominator(const int64_t* target, int64_t rows, const acc_t* weight, int64_t ignore_index) {
-  double total = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    if (target[r] == ignore_index) continue;
-    total += weight == nullptr ? 1.0 : static_cast<double>(weight[target[r]]);
-  }
-  return static_cast<acc_t>(total);
+  return static_cast<acc_t>(interleaved_sum(rows, [&](int64_t r) {
+    const bool counted = target[r] != ignore_index;
+    return !counted ? 0.0 : (weight == nullptr ? 1.0 : static_cast<double>(weight[target[r]]));
+  }));
 }
 
 // Sum of all weights (K without weights): the W of the row formulas.

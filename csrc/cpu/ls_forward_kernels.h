@@ -187,21 +187,33 @@ void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int
   acc_t lse[kTileLanes];
 #pragma omp simd
   for (int64_t l = 0; l < lanes; ++l) lse[l] = m[l] == -INFINITY ? m[l] : m[l] + log_at_least_one(s[l]);
-  for (int64_t l = 0; l < lanes; ++l) {
-    const int64_t r = at.first_row + l;
-    const acc_t row_lse = lse[l];
-    if constexpr (kProbability) {
-      out.lse[r] = row_lse;
-      out.loss[r] = probability_row_loss(row_lse, mass[l], shifted[l], pivot[l]);
-      out.mass[r] = mass[l];
-    } else {
-      const int64_t y = p.target[r];
-      if (y == p.ignore_index) continue;
-      const acc_t w_y = p.weight == nullptr ? acc_t(1) : p.weight[y];
-      out.lse[r] = row_lse;
-      out.loss[r] = class_index_loss_of_row(
-          p, row_lse, row_logit<kSoftcap>(p, base + l * at.logits_lane, y * at.logits_class), w_y, shifted[l],
-          pivot[l]);
+  acc_t* row_lse = out.lse + at.first_row;
+  acc_t* row_loss = out.loss + at.first_row;
+  if constexpr (kProbability) {
+    acc_t* row_mass = out.mass + at.first_row;
+#pragma omp simd
+    for (int64_t l = 0; l < lanes; ++l) {
+      row_lse[l] = lse[l];
+      row_loss[l] = probability_row_loss(lse[l], mass[l], shifted[l], pivot[l]);
+      row_mass[l] = mass[l];
+    }
+  } else {
+    // The target's logit and weight of each row (those of class 0 in ignored rows, so that every lane
+    // reads something), then the loss of every lane at once: its double-precision formula costs as much
+    // as the rest of a tile of few classes when computed one row at a time. Ignored rows get 0.
+    acc_t z_target[kTileLanes], w_target[kTileLanes], active[kTileLanes];  // active: 1, or 0 where ignored
+    for (int64_t l = 0; l < lanes; ++l) {
+      const int64_t y = p.target[at.first_row + l];
+      active[l] = y != p.ignore_index ? acc_t(1) : acc_t(0);
+      const int64_t safe_y = y != p.ignore_index ? y : 0;
+      z_target[l] = row_logit<kSoftcap>(p, base + l * at.logits_lane, safe_y * at.logits_class);
+      w_target[l] = p.weight == nullptr ? acc_t(1) : p.weight[safe_y];
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < lanes; ++l) {
+      const acc_t loss = class_index_loss_of_row(p, lse[l], z_target[l], w_target[l], shifted[l], pivot[l]);
+      row_lse[l] = active[l] != acc_t(0) ? lse[l] : acc_t(0);
+      row_loss[l] = active[l] != acc_t(0) ? loss : acc_t(0);
     }
   }
 }
@@ -233,10 +245,8 @@ void forward_problem(const RowProblem<scalar_t, target_t, acc_t>& p, RowOutputs<
 }
 
 template <typename acc_t>
-acc_t sum_in_row_order(const acc_t* values, int64_t n) {
-  double total = 0;
-  for (int64_t i = 0; i < n; ++i) total += values[i];
-  return static_cast<acc_t>(total);
+acc_t sum_in_fixed_order(const acc_t* values, int64_t n) {
+  return static_cast<acc_t>(interleaved_sum(n, [&](int64_t i) { return static_cast<double>(values[i]); }));
 }
 
 }  // namespace
@@ -281,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const PreparedInputs&
   at::Tensor total = at::empty({}, tensor_options);
   dispatch_logits_dtype(in.input.scalar_type(), [&](auto* scalar_tag) {
     using acc_t = acc_type<std::remove_pointer_t<decltype(scalar_tag)>>;
-    total.fill_(sum_in_row_order(row_loss.const_data_ptr<acc_t>(), row_loss.numel()));
+    total.fill_(sum_in_fixed_order(row_loss.const_data_ptr<acc_t>(), row_loss.numel()));
   });
   if (options.reduction == kReductionMean) total = total / denominator;
   return {total, lse, target_mass};

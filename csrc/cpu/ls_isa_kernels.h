@@ -8,6 +8,7 @@
 #endif
 
 #include "cpu/ls_chunk_kernels.h"
+#include "cpu/ls_tile_transpose.h"
 #include "cpu/ls_forward_kernels.h"
 #include "cpu/ls_backward_kernels.h"
 
