@@ -203,22 +203,27 @@ LS_INLINE void store_lanes(T* p, Lanes<T> v) {  // float, double
   for (int i = 0; i < Lanes<T>::kParts; ++i) std::memcpy(p + i * kPartLanes, &v.part[i], sizeof(v.part[i]));
 }
 LS_INLINE void store_lanes(bf16_bits* p, Lanes<float> v) {
+  // Round to nearest even; NaN stays a (quiet) NaN. The comparison is signed: AVX2 has no unsigned one.
+  u32_native bits[Lanes<float>::kParts];
   for (int i = 0; i < Lanes<float>::kParts; ++i) {
-    // Round to nearest even; NaN stays a (quiet) NaN. The comparison is signed: AVX2 has no unsigned one.
     const u32_native u = reinterpret_cast<u32_native>(v.part[i]);
     const u32_native rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     const auto is_nan = reinterpret_cast<Native<int32_t>::type>(u & 0x7FFFFFFFu) > 0x7F800000;
-    const u32_native bits = is_nan ? 0x7FC0u : rounded;
+    bits[i] = is_nan ? 0x7FC0u : rounded;
+  }
 #if LS_CPU_VECTOR_BYTES == 32
-    // Pack (values fit 16 bits, so unsigned saturation changes none) and gather the two 64-bit halves
-    // that hold them: GCC's lowering of the generic narrowing conversion takes several more shuffles.
-    const __m256i packed = _mm256_packus_epi32(reinterpret_cast<__m256i>(bits), reinterpret_cast<__m256i>(bits));
-    const __m128i half = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+  // Both parts packed at once (values fit 16 bits, so unsigned saturation changes none), which interleaves
+  // their 64-bit quarters, then one permute puts the quarters in order for one 32-byte store: GCC's
+  // lowering of the generic narrowing conversion takes several more shuffles per part.
+  const __m256i packed = _mm256_packus_epi32(reinterpret_cast<__m256i>(bits[0]), reinterpret_cast<__m256i>(bits[1]));
+  const __m256i ordered = _mm256_permute4x64_epi64(packed, 0xD8);
+  std::memcpy(p, &ordered, sizeof(ordered));
 #else
-    const u16_half_native half = __builtin_convertvector(bits, u16_half_native);
-#endif
+  for (int i = 0; i < Lanes<float>::kParts; ++i) {
+    const u16_half_native half = __builtin_convertvector(bits[i], u16_half_native);
     std::memcpy(p + i * sizeof(half) / 2, &half, sizeof(half));
   }
+#endif
 }
 LS_INLINE void store_lanes(fp16_bits* p, Lanes<float> v) {
   float lanes[kLaneCount<float>];
