@@ -30,7 +30,8 @@ def forward_parts(logits: Tensor, safe_target: Tensor, weight: Tensor | None, we
     overwritten. `scratch`, a matrix of the chunk's shape, is needed only with weights and smoothing."""
     row_max = torch.amax(logits, 0, out=parts.lse)
     shifted = logits.sub_(row_max)
-    # z_y - max of each row, by flat offsets y * rows + r: a third of the time of gather along dim 0.
+    # z_y - max of each row, taken at flat offsets y * rows + r: offsets and take cost about 60% of the time of
+    # a gather along dim 0.
     rows = shifted.shape[1]
     offsets = torch.add(torch.arange(rows, device=shifted.device), safe_target, alpha=rows)
     shifted_target = torch.take(shifted, offsets, out=parts.target_nll)
