@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -356,12 +357,15 @@ def warm_up(runners):
 
 def median_times(runners, repeats):
     """Median ms per implementation and phase. Every repeat runs every implementation once, so drift in
-    clocks or load hits all alike; the order rotates so none always follows the same neighbour."""
+    clocks or load hits all alike, in an order shuffled anew each repeat (from a fixed seed), so that none
+    always follows the same neighbour: what ran just before (the memory it freed, the caches it filled)
+    changes a step's time. A rotation would keep each one's predecessor the same in all but one repeat."""
     samples = {name: {} for name in runners}
-    names = list(runners)
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        names = list(runners)
+        order.shuffle(names)
+        for name in names:
             for phase, ms in runners[name]().items():
                 samples[name].setdefault(phase, []).append(ms)
     return {name: {phase: statistics.median(times) for phase, times in phases.items()}
