@@ -10,9 +10,9 @@ size, and large inputs are never copied whole. Each chunk goes through PyTorch's
 (log-)softmax kernels and a few in-place passes over buffers that are allocated once per call and stay
 in the last-level cache, which keeps it near the speed of eager ``F.cross_entropy`` (faster at most of the
 benchmark's shapes; see the README) while holding far less memory. Per-row work runs once per call, on
-tensors of all the rows, not once per chunk. Rows of few classes (image classification's 10 or 100) go class-major instead
-(_reference_class_major.py): there every pass is vectorized across rows rather than along rows too
-short to vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any
+tensors of all the rows, not once per chunk. Rows of few classes (image classification's 10 or 100) go
+class-major instead (_reference_class_major.py): there every pass is vectorized across rows rather than
+along rows too short to vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any
 device.
 """
 
