@@ -77,8 +77,9 @@ def extension():
     sources = ["csrc/ops.cpp", "csrc/ls_op_common.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for runs on PyTorch's own OpenMP runtime (the torch wheel's libgomp.so.1,
     # which this extension then shares), and it enables the `omp simd` loops.
-    # -ffp-contract=off: no fused multiply-adds chosen by the compiler, so every instruction-set copy of
-    # the CPU kernels (csrc/cpu/ls_isa_*.cpp) rounds the same way and results do not depend on which runs.
+    # -ffp-contract=off: no fused multiply-adds chosen by the compiler, only those the CPU kernels ask for
+    # (csrc/cpu/ls_lanes.h), so the instruction-set copies with FMA (csrc/cpu/ls_isa_*.cpp) round the same way
+    # and their results do not depend on which of them runs.
     # -fno-trapping-math: lets the vectorizer turn the loops' selects into blends on AVX2/SSE2 (it
     # changes no result; the code never reads floating-point exception flags).
     cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]

@@ -5,7 +5,7 @@
 // sums, then sum of exp) while reading it from memory once. The drivers cut every row into the same fixed
 // chunks whatever the thread count and merge the per-chunk results in chunk order, which is what makes
 // the results bit-identical for any number of threads. The loops run on fixed-width lanes (ls_lanes.h),
-// so they are bit-identical across instruction sets as well.
+// so they are bit-identical across the instruction sets with FMA as well.
 #pragma once
 
 #include "cpu/ls_lanes.h"

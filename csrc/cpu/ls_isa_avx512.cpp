@@ -6,6 +6,7 @@
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt,avx512f,avx512bw,avx512cd,avx512dq,avx512vl")
 #pragma GCC target("prefer-vector-width=512")
 #define LS_CPU_ISA avx512
+#define LS_CPU_FMA 1
 #define LS_CPU_VECTOR_BYTES 64
 #include "cpu/ls_isa_kernels.h"
 #pragma GCC pop_options

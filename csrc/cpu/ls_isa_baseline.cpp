@@ -2,5 +2,6 @@
 #include "cpu/ls_isa_prelude.h"
 
 #define LS_CPU_ISA baseline
+#define LS_CPU_FMA 0
 #define LS_CPU_VECTOR_BYTES 16
 #include "cpu/ls_isa_kernels.h"
