@@ -208,12 +208,12 @@ LS_INLINE void store_lanes(T* p, Lanes<T> v) {  // float, double
   for (int i = 0; i < Lanes<T>::kParts; ++i) std::memcpy(p + i * kPartLanes, &v.part[i], sizeof(v.part[i]));
 }
 LS_INLINE void store_lanes(bf16_bits* p, Lanes<float> v) {
-  // Round to nearest even; NaN stays a (quiet) NaN. The comparison is signed: AVX2 has no unsigned one.
+  // Round to nearest even; NaN stays a (quiet) NaN, found by one unordered comparison.
   u32_native bits[Lanes<float>::kParts];
   for (int i = 0; i < Lanes<float>::kParts; ++i) {
     const u32_native u = reinterpret_cast<u32_native>(v.part[i]);
     const u32_native rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const auto is_nan = reinterpret_cast<Native<int32_t>::type>(u & 0x7FFFFFFFu) > 0x7F800000;
+    const auto is_nan = v.part[i] != v.part[i];
     bits[i] = is_nan ? 0x7FC0u : rounded;
   }
 #if LS_CPU_VECTOR_BYTES == 32
@@ -298,6 +298,11 @@ template <typename B, typename C>
 LS_INLINE Lanes<float> mul_add(Lanes<float> a, B b, C c) {
   for (int i = 0; i < Lanes<float>::kParts; ++i) a.part[i] = mul_add_part(a.part[i], part_of(b, i), part_of(c, i));
   return a;
+}
+// fp64, the reference-precision path, is never fused.
+template <typename B, typename C>
+LS_INLINE Lanes<double> mul_add(Lanes<double> a, B b, C c) {
+  return a * b + c;
 }
 
 // exp(x) for a float or fp32 lanes, branch-free, for x <= 88: every caller passes z - max or z - lse, <= 0 up
@@ -396,24 +401,25 @@ LS_INLINE Lanes<double> tanh_vectorizable(Lanes<double> x) {
   return load_lanes(lanes);
 }
 
-// Row formulas of ls_row_math.h on lanes, with the same operations in the same order (its templates are
-// compiled for the baseline, so they cannot take the lanes' operators).
+// Row formulas of ls_row_math.h on lanes (its templates are compiled for the baseline, so they cannot take the
+// lanes' operators): the same operations in the same order, but for the gradients' multiply-add, fused where
+// mul_add is (a gradient element is computed by one of the two forms only, always the same one).
 template <typename acc_t>
 LS_INLINE Lanes<acc_t> smoothed_probability_lanes(Lanes<acc_t> t, acc_t eps, int64_t num_classes) {
   return (acc_t(1) - eps) * t + eps / acc_t(num_classes);
 }
 
-// class_index_grad for the classes that are not the target.
+// class_index_grad for the classes that are not the target, as one multiply-add (fused where mul_add is).
 template <typename acc_t>
 LS_INLINE Lanes<acc_t> class_index_grad_lanes(ClassIndexGradCoefs<acc_t> c, Lanes<acc_t> prob, Lanes<acc_t> w_j) {
-  return c.prob_scale * prob - c.smooth_scale * w_j;
+  return mul_add(prob, c.prob_scale, -c.smooth_scale * w_j);
 }
 
 // probability_grad with its per-row factor prob_scale = g * mass + grad_lse computed once per row.
 template <typename acc_t>
 LS_INLINE Lanes<acc_t> probability_grad_lanes(acc_t prob_scale, acc_t g, Lanes<acc_t> prob,
                                               Lanes<acc_t> weighted_smoothed_target) {
-  return prob_scale * prob - g * weighted_smoothed_target;
+  return mul_add(prob, prob_scale, -g * weighted_smoothed_target);
 }
 
 }  // namespace labelsmooth::cpu::LS_CPU_ISA
