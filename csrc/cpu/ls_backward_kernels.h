@@ -40,7 +40,7 @@ LS_INLINE void class_index_grad_chunk(const RowProblem<scalar_t, int64_t, acc_t>
   if (y >= begin && y < begin + n) {  // the target's own term, same formula with [j = y] = 1
     acc_t derivative;
     const acc_t x = read_logit<kSoftcap>(acc_t(load_as_acc(z[y])), p.softcap, p.inverse_softcap, &derivative);
-    acc_t grad = class_index_grad(coefs, exp_vectorizable(x - row_lse), w_y, true);
+    acc_t grad = class_index_grad_fused(coefs, exp_vectorizable(x - row_lse), w_y, true);
     if constexpr (kSoftcap) grad = grad * derivative;
     out[y - begin] = store_from_acc<scalar_t, acc_t>(grad);
   }
@@ -154,7 +154,7 @@ void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, in
         value = prob_scale[l] * prob - upstream[l] * (w_c * smoothed_probability(t, p.eps, p.classes));
       } else {
         const bool is_target = static_cast<lane_int_t>(c) == target_class[l];
-        value = target_class[l] < 0 ? acc_t(0) : class_index_grad(coefs[l], prob, w_c, is_target);
+        value = target_class[l] < 0 ? acc_t(0) : class_index_grad_fused(coefs[l], prob, w_c, is_target);
       }
       if constexpr (kSoftcap) value = value * derivative;
       out[l * out_lane] = store_from_acc<scalar_t, acc_t>(value);

@@ -277,6 +277,8 @@ LS_INLINE float mul_add(float a, float b, float c) { return __builtin_fmaf(a, b,
 #else
 LS_INLINE float mul_add(float a, float b, float c) { return a * b + c; }
 #endif
+// fp64, the reference-precision path, is never fused.
+LS_INLINE double mul_add(double a, double b, double c) { return a * b + c; }
 
 LS_INLINE Native<float>::type mul_add_part(Native<float>::type a, Native<float>::type b, Native<float>::type c) {
 #if LS_CPU_FMA && LS_CPU_VECTOR_BYTES == 64
@@ -299,7 +301,6 @@ LS_INLINE Lanes<float> mul_add(Lanes<float> a, B b, C c) {
   for (int i = 0; i < Lanes<float>::kParts; ++i) a.part[i] = mul_add_part(a.part[i], part_of(b, i), part_of(c, i));
   return a;
 }
-// fp64, the reference-precision path, is never fused.
 template <typename B, typename C>
 LS_INLINE Lanes<double> mul_add(Lanes<double> a, B b, C c) {
   return a * b + c;
@@ -403,7 +404,7 @@ LS_INLINE Lanes<double> tanh_vectorizable(Lanes<double> x) {
 
 // Row formulas of ls_row_math.h on lanes (its templates are compiled for the baseline, so they cannot take the
 // lanes' operators): the same operations in the same order, but for the gradients' multiply-add, fused where
-// mul_add is (a gradient element is computed by one of the two forms only, always the same one).
+// mul_add is.
 template <typename acc_t>
 LS_INLINE Lanes<acc_t> smoothed_probability_lanes(Lanes<acc_t> t, acc_t eps, int64_t num_classes) {
   return (acc_t(1) - eps) * t + eps / acc_t(num_classes);
@@ -413,6 +414,12 @@ LS_INLINE Lanes<acc_t> smoothed_probability_lanes(Lanes<acc_t> t, acc_t eps, int
 template <typename acc_t>
 LS_INLINE Lanes<acc_t> class_index_grad_lanes(ClassIndexGradCoefs<acc_t> c, Lanes<acc_t> prob, Lanes<acc_t> w_j) {
   return mul_add(prob, c.prob_scale, -c.smooth_scale * w_j);
+}
+// The same for one element, the target's too: what every CPU kernel computes a class-index gradient with.
+template <typename acc_t>
+LS_INLINE acc_t class_index_grad_fused(ClassIndexGradCoefs<acc_t> c, acc_t prob, acc_t w_j, bool is_target) {
+  const acc_t grad = mul_add(prob, c.prob_scale, -c.smooth_scale * w_j);
+  return is_target ? grad - c.target_scale : grad;
 }
 
 // probability_grad with its per-row factor prob_scale = g * mass + grad_lse computed once per row.
