@@ -174,12 +174,15 @@ void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int
       }
     }
   }
+  // A row of only -inf logits is shifted by 0 instead of its max: its exps are then exp(-inf) = 0, where
+  // exp(-inf - -inf) would be NaN, without a select in the loop over every logit.
+  acc_t shift[kTileLanes];
+  for (int64_t l = 0; l < lanes; ++l) shift[l] = m[l] == -INFINITY ? acc_t(0) : m[l];
   for (int64_t c = 0; c < p.classes; ++c) {
     const scalar_t* zc = base + c * at.logits_class;
 #pragma omp simd
     for (int64_t l = 0; l < lanes; ++l) {
-      const acc_t e = exp_vectorizable(row_logit<kSoftcap>(p, zc, l * at.logits_lane) - m[l]);
-      s[l] += m[l] == -INFINITY ? acc_t(0) : e;
+      s[l] += exp_vectorizable(row_logit<kSoftcap>(p, zc, l * at.logits_lane) - shift[l]);
     }
   }
   // lse = max + log(sum), as softmax_state_lse, with a log that vectorizes across the lanes (an all -inf
