@@ -110,17 +110,30 @@ void backward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, in
   using lane_int_t = std::conditional_t<kRowLanes && sizeof(acc_t) == 4, int32_t, int64_t>;
   lane_int_t target_class[kTileLanes];
   ClassIndexGradCoefs<acc_t> coefs[kTileLanes];
-  for (int64_t l = 0; l < lanes; ++l) {
-    const int64_t r = at.first_row + l;
-    row_lse[l] = g.lse[r];
-    upstream[l] = g.loss(r);
-    lse_grad[l] = g.of_lse(r);
-    if constexpr (kProbability) {
-      prob_scale[l] = upstream[l] * g.mass[r] + lse_grad[l];
+  // Gathered by loops with the per-call choices taken outside them, so that they vectorize: asked for each lane
+  // (is the upstream per row, is there a gradient of the lse, are there weights, is the row ignored), they had
+  // taken a tenth of a tile's time at 10 classes.
+  const int64_t first = at.first_row;
+  for (int64_t l = 0; l < lanes; ++l) row_lse[l] = g.lse[first + l];
+  if (g.per_row) {
+    for (int64_t l = 0; l < lanes; ++l) upstream[l] = g.grad_loss[first + l];
+  } else {
+    const acc_t shared_upstream = g.loss(0);
+    for (int64_t l = 0; l < lanes; ++l) upstream[l] = shared_upstream;
+  }
+  for (int64_t l = 0; l < lanes; ++l) lse_grad[l] = g.grad_lse == nullptr ? acc_t(0) : g.grad_lse[first + l];
+  if constexpr (kProbability) {
+    for (int64_t l = 0; l < lanes; ++l) prob_scale[l] = upstream[l] * g.mass[first + l] + lse_grad[l];
+  } else {
+    const int64_t* target = p.target + first;
+    const int64_t ignore_index = p.ignore_index;
+    for (int64_t l = 0; l < lanes; ++l) {
+      target_class[l] = static_cast<lane_int_t>(target[l] != ignore_index ? target[l] : -1);
+    }
+    if (p.weight == nullptr) {
+      for (int64_t l = 0; l < lanes; ++l) w_target[l] = acc_t(1);
     } else {
-      const int64_t y = p.target[r];
-      target_class[l] = static_cast<lane_int_t>(y != p.ignore_index ? y : -1);
-      w_target[l] = p.weight == nullptr || y == p.ignore_index ? acc_t(1) : p.weight[y];
+      for (int64_t l = 0; l < lanes; ++l) w_target[l] = target_class[l] < 0 ? acc_t(1) : p.weight[target_class[l]];
     }
   }
   if constexpr (!kProbability) {

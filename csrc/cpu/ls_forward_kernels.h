@@ -204,13 +204,22 @@ void forward_tile(const RowProblem<scalar_t, target_t, acc_t>& p, int64_t o, int
     // The target's logit and weight of each row (those of class 0 in ignored rows, so that every lane
     // reads something), then the loss of every lane at once: its double-precision formula costs as much
     // as the rest of a tile of few classes when computed one row at a time. Ignored rows get 0.
+    // (As in backward_tile, whether there are weights is asked once, not for each lane.)
     acc_t z_target[kTileLanes], w_target[kTileLanes], active[kTileLanes];  // active: 1, or 0 where ignored
+    int64_t safe_target[kTileLanes];
+    const int64_t* target = p.target + at.first_row;
+    const int64_t ignore_index = p.ignore_index;
     for (int64_t l = 0; l < lanes; ++l) {
-      const int64_t y = p.target[at.first_row + l];
-      active[l] = y != p.ignore_index ? acc_t(1) : acc_t(0);
-      const int64_t safe_y = y != p.ignore_index ? y : 0;
-      z_target[l] = row_logit<kSoftcap>(p, base + l * at.logits_lane, safe_y * at.logits_class);
-      w_target[l] = p.weight == nullptr ? acc_t(1) : p.weight[safe_y];
+      active[l] = target[l] != ignore_index ? acc_t(1) : acc_t(0);
+      safe_target[l] = target[l] != ignore_index ? target[l] : 0;
+    }
+    for (int64_t l = 0; l < lanes; ++l) {
+      z_target[l] = row_logit<kSoftcap>(p, base + l * at.logits_lane, safe_target[l] * at.logits_class);
+    }
+    if (p.weight == nullptr) {
+      for (int64_t l = 0; l < lanes; ++l) w_target[l] = acc_t(1);
+    } else {
+      for (int64_t l = 0; l < lanes; ++l) w_target[l] = p.weight[safe_target[l]];
     }
 #pragma omp simd
     for (int64_t l = 0; l < lanes; ++l) {
