@@ -268,10 +268,10 @@ LS_INLINE Lanes<float> power_of_two_from_shifted(Lanes<float> shifted) {
 }
 
 // a * b + c, with one rounding (a fused multiply-add) in the copies for CPUs with FMA (LS_CPU_FMA: AVX2 and
-// AVX-512), with two elsewhere. Only the polynomials of exp and tanh use it, where the multiply-adds are most
-// of the work: fused, the exp takes 30% less time (each fused step is also the more accurate). Explicit,
-// rather than left to the compiler (-ffp-contract=off), so that every copy with FMA fuses the very same
-// operations: they give the same bits as each other, and scalar and vector code the same bits too.
+// AVX-512), with two elsewhere. The polynomials of exp and tanh use it, where the multiply-adds are most of the
+// work (fused, the exp takes 30% less time, and each fused step is the more accurate), and so do the gradients.
+// Explicit, rather than left to the compiler (-ffp-contract=off), so that every copy with FMA fuses the very
+// same operations: they give the same bits as each other, and scalar and vector code the same bits too.
 #if LS_CPU_FMA
 LS_INLINE float mul_add(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 #else
@@ -310,9 +310,8 @@ LS_INLINE Lanes<double> mul_add(Lanes<double> a, B b, C c) {
 // to rounding (beyond 88 the scale's exponent would overflow). Cephes' expf polynomial: about 1 ulp there.
 // Arguments below -87.3 give exactly 0 (as a -inf logit must: whatever the polynomial made of them is
 // replaced); NaN stays NaN through the arithmetic. The polynomial is evaluated by Estrin's scheme, not
-// Horner's: 6 dependent steps instead of 10, and the exp is the latency chain that bounds the kernels' loops
-// (a clamp at the top cost another 8%). One template for both, so that scalar and vector code round
-// identically.
+// Horner's: 6 dependent steps instead of 10 (a clamp at the top cost another 8%). One template for both, so
+// that scalar and vector code round identically.
 template <typename V>
 LS_INLINE V exp_vectorizable(V x) {
   constexpr float kLowest = -87.33654475f;
