@@ -185,7 +185,7 @@ LS_INLINE void chunk_class_index_grad(const scalar_t* z, const acc_t* w, scalar_
     const Lanes<acc_t> x = read_logit<kSoftcap>(load_block<Full>(z + j, count), cap, inverse_cap, &derivative);
     const Lanes<acc_t> p = exp_vectorizable(x - lse);
     const Lanes<acc_t> w_j = w == nullptr ? broadcast(acc_t(1)) : load_block<Full>(w + j, count);
-    Lanes<acc_t> grad = class_index_grad_lanes(coefs, p, w_j);
+    Lanes<acc_t> grad = class_index_grad_fused(coefs, p, w_j);
     if constexpr (kSoftcap) grad = grad * derivative;
     store_block<Full>(out + j, grad, count);
   });

@@ -409,15 +409,15 @@ LS_INLINE Lanes<acc_t> smoothed_probability_lanes(Lanes<acc_t> t, acc_t eps, int
   return (acc_t(1) - eps) * t + eps / acc_t(num_classes);
 }
 
-// class_index_grad for the classes that are not the target, as one multiply-add (fused where mul_add is).
-template <typename acc_t>
-LS_INLINE Lanes<acc_t> class_index_grad_lanes(ClassIndexGradCoefs<acc_t> c, Lanes<acc_t> prob, Lanes<acc_t> w_j) {
+// class_index_grad as one multiply-add (fused where mul_add is), for lanes or one element of classes that are not
+// the target; the next overload adds the target's term. Every CPU kernel computes class-index gradients with these.
+template <typename acc_t, typename V>
+LS_INLINE V class_index_grad_fused(ClassIndexGradCoefs<acc_t> c, V prob, V w_j) {
   return mul_add(prob, c.prob_scale, -c.smooth_scale * w_j);
 }
-// The same for one element, the target's too: what every CPU kernel computes a class-index gradient with.
 template <typename acc_t>
 LS_INLINE acc_t class_index_grad_fused(ClassIndexGradCoefs<acc_t> c, acc_t prob, acc_t w_j, bool is_target) {
-  const acc_t grad = mul_add(prob, c.prob_scale, -c.smooth_scale * w_j);
+  const acc_t grad = class_index_grad_fused(c, prob, w_j);
   return is_target ? grad - c.target_scale : grad;
 }
 
