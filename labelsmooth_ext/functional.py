@@ -5,7 +5,7 @@ an external normaliser)."""
 import torch
 from torch.nn import _reduction as _legacy_reduction
 
-from . import _distributed_dtensor, _functorch, _validation, reference
+from . import _distributed_dtensor, _eager_autograd, _validation, reference
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
@@ -62,7 +62,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     op_code = _validation.REDUCTIONS["sum"] if normalizer is not None else code
     _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing_code, softcap,
                                    op_code)
-    loss, lse, _ = _functorch.forward(input, target, weight, ignore_index, label_smoothing, smoothing_code, softcap,
+    loss, lse, _ = _eager_autograd.forward(input, target, weight, ignore_index, label_smoothing, smoothing_code, softcap,
                                       op_code)
     return with_loss_options(loss, lse, input, target, weight, ignore_index, z_loss, op_code, normalizer,
                              return_z_loss, return_lse)

@@ -1,0 +1,71 @@
+"""The forward op with its autograd formula, by the cheapest route the caller's context allows.
+
+The formula registered with torch.library (_registration.py) is the op's only one, and it is what
+torch.compile, torch.export, torch.func, jit tracing and every dispatch mode see. Reaching it from eager
+Python is slow, though: the dispatcher calls back into Python with its arguments boxed, fills in the
+schema's defaults, and wraps the formula in an autograd.Function of the setup_context form, whose apply
+binds its arguments with inspect.signature on every call. That is about 60 us per forward and again per
+backward on CPU, more than both kernels take for a batch of 64 rows of 10 classes.
+
+In plain eager mode (plain tensors; no transform, dispatch or function mode, trace or compile active) the
+same formula runs here instead, in an autograd.Function of the older form (the context passed to forward),
+which calls both ops below the autograd key: the same kernels, the same bits, a fraction of the overhead.
+"""
+
+import torch
+
+from . import _functorch, _registration
+
+_OPS = torch.ops.labelsmooth
+
+
+def _is_plain_eager(tensors):
+    """Whether nothing but eager autograd has to see the op: anything else (a subclass such as a fake or
+    functional tensor, a mode, a trace, a compile, a torch.func transform) goes through the dispatcher."""
+    # is_compiling first: torch.compile traces this function, and must not reach the other checks.
+    return (
+        not torch.compiler.is_compiling()
+        and all(tensor is None or type(tensor) is torch.Tensor for tensor in tensors)
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch.jit.is_tracing()
+    )
+
+
+def _backward_below_autograd(*args):
+    """The backward op for _EagerForward. With create_graph=True (grad mode on during the backward) it goes
+    through the dispatcher, whose registered rule then refuses a double backward as the op path does."""
+    if torch.is_grad_enabled():
+        return _OPS.ls_cross_entropy_backward(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OPS.ls_cross_entropy_backward(*args)
+
+
+class _EagerForward(torch.autograd.Function):
+    """_registration's autograd formula around the forward op's kernel (the older Function form: a
+    setup_context staticmethod would bring back the per-call signature binding)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = _OPS.ls_cross_entropy_forward(*args)
+        _registration.setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_target_mass):
+        return _registration.backward(ctx, grad_loss, grad_lse, grad_target_mass,
+                                      backward_op=_backward_below_autograd)
+
+
+def forward(input, target, weight, *options):
+    """ls_cross_entropy_forward(input, target, weight, *options) with its autograd formula, wherever it is
+    called from."""
+    args = (input, target, weight, *options)
+    if not _is_plain_eager((input, target, weight)):
+        return _functorch.forward(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, target, weight)):
+        return _EagerForward.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OPS.ls_cross_entropy_forward(*args)

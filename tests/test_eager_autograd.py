@@ -1,0 +1,110 @@
+"""The public API's eager route (labelsmooth_ext/_eager_autograd.py) against the dispatcher's route: the same
+kernels and the same autograd formula, so the same bits; and every other context still reaching the
+registered ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import labelsmooth_ext
+from labelsmooth_ext import _eager_autograd
+
+from conftest import class_weight, grad_output_like, probability_target, randn
+
+FORWARD_NAME = "labelsmooth.ls_cross_entropy_forward"
+BACKWARD_NAME = "labelsmooth.ls_cross_entropy_backward"
+
+
+def _backward_node_names(output):
+    """Names of every autograd node that `output` depends on."""
+    names, pending, seen = set(), [output.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _case(gen, dtype, target_kind, weighted, reduction, options):
+    shape = (6, 9, 2) if target_kind == "index" else (7, 11)
+    x = randn(shape, gen, dtype, 2.0).requires_grad_()
+    if target_kind == "index":
+        target = torch.randint(0, shape[1], (shape[0], shape[2]), generator=gen)
+        target[0, 0] = -100
+    else:
+        target = probability_target(shape, 1, gen, dtype, normalized=True).requires_grad_()
+    weight = class_weight(shape[1], gen, torch.float32).requires_grad_() if weighted else None
+    kwargs = dict(reduction=reduction, label_smoothing=0.1, **options)
+    return x, target, weight, kwargs
+
+
+def _loss_and_grads(x, target, weight, kwargs, gen_seed):
+    """The loss (and lse) of the public call, and the gradients of every input that requires grad under a
+    random upstream gradient drawn from gen_seed (the same for both routes)."""
+    x, target = x.detach().clone().requires_grad_(), target.detach().clone().requires_grad_(target.requires_grad)
+    weight = None if weight is None else weight.detach().clone().requires_grad_()
+    outputs = labelsmooth_ext.cross_entropy(x, target, weight, **kwargs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    gen = torch.Generator().manual_seed(gen_seed)
+    total = sum((out.double() * grad_output_like(out.shape, gen).double()).sum() for out in outputs)
+    inputs = [t for t in (x, target, weight) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(total, inputs)
+    return outputs, grads, set().union(*(_backward_node_names(out) for out in outputs))
+
+
+@pytest.mark.parametrize("options", [{}, {"z_loss": 1e-3, "return_lse": True}, {"softcap": 3.0},
+                                     {"normalizer": 5.0}], ids=["plain", "z_loss_lse", "softcap", "normalizer"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("target_kind", ["index", "probability"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_eager_route_gives_the_dispatchers_bits(dtype, target_kind, weighted, reduction, options, gen, monkeypatch):
+    if "normalizer" in options and reduction != "mean":
+        pytest.skip("normalizer replaces the mean's denominator only")
+    x, target, weight, kwargs = _case(gen, dtype, target_kind, weighted, reduction, options)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    eager_outputs, eager_grads, eager_nodes = _loss_and_grads(x, target, weight, kwargs, seed)
+    monkeypatch.setattr(_eager_autograd, "_is_plain_eager", lambda tensors: False)
+    op_outputs, op_grads, op_nodes = _loss_and_grads(x, target, weight, kwargs, seed)
+    # Each route really ran: its own autograd node, not the other's.
+    assert "_EagerForwardBackward" in eager_nodes and not any("GeneratedBackward" in n for n in eager_nodes)
+    assert "_EagerForwardBackward" not in op_nodes and any("GeneratedBackward" in n for n in op_nodes)
+    assert len(eager_grads) == len(op_grads) == 1 + (target_kind == "probability") + weighted
+    for ours, theirs in zip(eager_outputs + eager_grads, op_outputs + op_grads):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (ours, theirs)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_eager_route_without_autograd(context, gen):
+    x, target, weight, kwargs = _case(gen, torch.float32, "index", True, "mean", {"return_lse": True})
+    expected = labelsmooth_ext.cross_entropy(x, target, weight, **kwargs)
+    guard = torch.no_grad() if context == "no_grad" else torch.inference_mode()
+    with guard:
+        loss, lse = labelsmooth_ext.cross_entropy(x.detach().clone(), target, weight.detach(), **kwargs)
+    assert loss.grad_fn is None and lse.grad_fn is None
+    assert torch.equal(loss, expected[0]) and torch.equal(lse, expected[1])
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_still_see_the_ops(gen):
+    """Profilers, FLOP counters and tracers work by dispatch modes: with one active the call must reach the
+    registered ops (forward and backward), not run below them."""
+    x, target, weight, kwargs = _case(gen, torch.float32, "index", False, "mean", {})
+    recorder = _OpRecorder()
+    with recorder:
+        labelsmooth_ext.cross_entropy(x, target, weight, **kwargs).backward()
+    assert FORWARD_NAME in recorder.names and BACKWARD_NAME in recorder.names, recorder.names
