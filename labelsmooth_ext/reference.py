@@ -201,12 +201,18 @@ def _valid_and_safe_targets(target: Tensor, ignore_index: int) -> tuple[Tensor, 
     return valid, torch.where(valid, target, 0)
 
 
+def _cannot_inspect_data() -> bool:
+    """Whether a value of the data cannot steer the computation (a torch.compile or jit trace records no
+    host-side branch on it)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _checked_class_targets(target: Tensor, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
     """_valid_and_safe_targets of all rows, once every target is known to be a class index or ignore_index.
     The safe targets' range settles that in one pass; only when it fails does the full check run, which
     raises naming the bad value (and which is also what a compiled graph or a trace records)."""
     valid, safe_target = _valid_and_safe_targets(target, ignore_index)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or safe_target.numel() == 0:
+    if _cannot_inspect_data() or safe_target.numel() == 0:
         _validation.check_target_values(target, num_classes, ignore_index)
     else:
         low, high = torch.aminmax(safe_target)
@@ -287,12 +293,38 @@ def _class_index_loss(valid: Tensor, w_target: Tensor | None, parts: _ClassIndex
 
 def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tensor | None, scratch: Tensor,
                                parts: _ClassIndexRows) -> None:
-    """Writes the chunk's `parts` from its logits as a (rows, K) matrix, through PyTorch's fused log_softmax."""
-    log_probs, lse = _log_softmax_and_lse(logits, scratch)
-    parts.lse.copy_(lse)
-    torch.take(log_probs, _target_offsets(safe_target, logits.shape[1]), out=parts.target_nll).neg_()
+    """Writes the chunk's `parts` from its logits as a (rows, K) matrix, through PyTorch's fused log_softmax.
+
+    lse = z_y - log p_y, from the two values the loss takes anyway: the max of the logits and the max of the
+    log-probabilities (_log_softmax_and_lse) were a tenth of the forward's time. It is NaN where z_y = -inf
+    (-inf - -inf), which _redo_nonfinite_lse mends after the chunks; where the data cannot be looked at (a trace
+    or a compile of this function), the max-based lse is taken instead."""
+    offsets = _target_offsets(safe_target, logits.shape[1])
+    if _cannot_inspect_data():
+        log_probs, lse = _log_softmax_and_lse(logits, scratch)
+        parts.lse.copy_(lse)
+        torch.take(log_probs, offsets, out=parts.target_nll).neg_()
+    else:
+        torch.take(logits, offsets, out=parts.lse)  # z_y, before the log_softmax may overwrite the logits
+        log_probs = torch.ops.aten._log_softmax.out(logits, 1, False, out=scratch)
+        torch.take(log_probs, offsets, out=parts.target_nll).neg_()
+        parts.lse.add_(parts.target_nll)
     if parts.smoothing is not None:
         parts.smoothing.copy_(_weighted_row_sums(log_probs, weight)).neg_()
+
+
+def _redo_nonfinite_lse(lse_rows: Tensor, valid: Tensor, class_last: Tensor, softcap: float | None,
+                        dtype: torch.dtype) -> None:
+    """Gives the valid rows whose lse = z_y - log p_y is not finite the max-based lse of _log_softmax_and_lse, in
+    place: finite where only z_y = -inf; NaN, as in PyTorch, for rows with a +inf or NaN logit or only -inf ones.
+    Such rows are rare (a target whose logit is masked), so they are taken out of the logits by index."""
+    redo = valid & ~torch.isfinite(lse_rows)
+    if _cannot_inspect_data() or not bool(redo.any()):
+        return
+    logits = class_last[redo].to(dtype)
+    if softcap is not None:
+        logits = _softcapped(logits, softcap, logits)
+    lse_rows[redo] = _log_softmax_and_lse(logits, torch.empty_like(logits))[1]
 
 
 def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
@@ -399,6 +431,8 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
                 logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
                 _class_index_chunk_forward(logits, chunk_target, acc_weight, buffers.scratch_for(logits, owned),
                                            parts.of_chunk(index))
+        if num_classes > CLASS_MAJOR_MAX_CLASSES:
+            _redo_nonfinite_lse(parts.lse, valid, class_last, softcap, acc)
         loss_rows, lse_rows = _class_index_loss(valid, _target_weights_or_none(safe_target, acc_weight, acc), parts,
                                                 eps, num_classes)
         mass_rows = rows_of_zeros((0,))

@@ -251,11 +251,13 @@ def _row_terms(input, target, weight, ignore_index, eps):
 
 
 def lse_tolerance(input) -> torch.Tensor:
-    """Bound on |lse - logsumexp(z)|, row-shaped."""
+    """Bound on |lse - logsumexp(z)|, row-shaped. Infinite logits do not count in the largest |z| (a -inf one
+    leaves the lse finite and must not make the bound infinite)."""
     class_dim = class_dim_of(input)
     z = input.detach().to(torch.float64)
     gamma_k = _gamma(input.shape[class_dim], accumulation_dtype(input.dtype))
-    return gamma_k * (1.0 + torch.logsumexp(z, dim=class_dim).abs() + z.abs().amax(dim=class_dim))
+    finite_abs = torch.where(torch.isfinite(z), z.abs(), torch.zeros_like(z))
+    return gamma_k * (1.0 + torch.logsumexp(z, dim=class_dim).abs() + finite_abs.amax(dim=class_dim))
 
 
 def loss_tolerance(input, target, weight, ignore_index, reduction, eps) -> torch.Tensor:

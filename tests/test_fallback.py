@@ -19,6 +19,7 @@ from conftest import (
     REDUCTION_CODES,
     RUN_SEED,
     assert_within,
+    grad_output_like,
     grad_tolerance,
     loss_tolerance,
     lse_tolerance,
@@ -27,6 +28,7 @@ from conftest import (
     reference_loss_and_grads,
     skip_unless_compiled,
 )
+from test_errors import _poisoned_logits
 from test_matrix import CASES, build_case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +59,36 @@ def test_reference_equals_compiled(case, gen):
     assert_within(lse_c, lse_r, 2 * lse_tolerance(logits), "lse")
     grad_tol = grad_tolerance(logits, target, weight, ignore_index, reduction, eps, grad_output, ref_grad)
     assert_within(grad_c, grad_r, 2 * grad_tol, "grad_input")
+
+
+# Rows of _poisoned_logits whose float64 lse is finite: -inf elsewhere than the target, -inf at the target (the
+# row-major forward's lse = z_y - log p_y is NaN there until it is redone) and the finite row.
+_FINITE_LSE_ROWS = [1, 3, 6]
+
+
+@pytest.mark.parametrize("num_classes", [6, 40, 20000], ids=["class_major", "row_major", "row_major_exp_backward"])
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_nonfinite_logits(dtype, softcap, num_classes, gen):
+    """NaN and infinite logits through the fallback on each of its paths, against float64 PyTorch: loss and
+    gradient as in test_errors, and the lse (which the backward reads at K > 16384) where it is finite."""
+    x, target = _poisoned_logits(gen, dtype, num_classes)
+    grad_output = grad_output_like((7,), gen)
+    loss, lse, mass = reference.ls_cross_entropy_forward(x, target, None, -100, 0.1, 0, softcap, 0)
+    grad = reference.ls_cross_entropy_backward(grad_output, None, x, target, None, lse, mass, -100, 0.1, 0, softcap, 0)
+    capped = x.double() if softcap is None else softcap * torch.tanh(x.double() / softcap)
+    ref_lse = torch.logsumexp(capped, dim=1)
+    assert torch.isfinite(lse[_FINITE_LSE_ROWS]).all(), lse
+    lse_tol = lse_tolerance(capped.to(dtype))[_FINITE_LSE_ROWS]
+    assert torch.isfinite(lse_tol).all(), lse_tol
+    assert_within(lse[_FINITE_LSE_ROWS], ref_lse[_FINITE_LSE_ROWS], lse_tol, "lse")
+    if softcap is not None:
+        return  # the loss and gradient through the cap are test_options' subject; the lse above is this test's
+    ref_loss, ref_grad, _ = reference_loss_and_grads(x, target, None, -100, "none", 0.1, grad_output)
+    loss_tol = loss_tolerance(x, target, None, -100, "none", 0.1)
+    grad_tol = grad_tolerance(x, target, None, -100, "none", 0.1, grad_output, ref_grad)
+    assert_within(loss, ref_loss, loss_tol.nan_to_num(nan=0.0, posinf=0.0), "loss")
+    assert_within(grad, ref_grad, grad_tol.nan_to_num(nan=0.0, posinf=0.0), "grad_input")
 
 
 def test_python_schemas_equal_the_compiled_ones():
