@@ -62,8 +62,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     op_code = _validation.REDUCTIONS["sum"] if normalizer is not None else code
     _validation.check_op_arguments(input, target, weight, ignore_index, label_smoothing, smoothing_code, softcap,
                                    op_code)
-    loss, lse, _ = _eager_autograd.forward(input, target, weight, ignore_index, label_smoothing, smoothing_code, softcap,
-                                      op_code)
+    loss, lse, _ = _eager_autograd.forward(input, target, weight, ignore_index, label_smoothing, smoothing_code,
+                                           softcap, op_code)
     return with_loss_options(loss, lse, input, target, weight, ignore_index, z_loss, op_code, normalizer,
                              return_z_loss, return_lse)
 

@@ -295,10 +295,10 @@ def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tens
                                parts: _ClassIndexRows) -> None:
     """Writes the chunk's `parts` from its logits as a (rows, K) matrix, through PyTorch's fused log_softmax.
 
-    lse = z_y - log p_y, from the two values the loss takes anyway: the max of the logits and the max of the
-    log-probabilities (_log_softmax_and_lse) were a tenth of the forward's time. It is NaN where z_y = -inf
-    (-inf - -inf), which _redo_nonfinite_lse mends after the chunks; where the data cannot be looked at (a trace
-    or a compile of this function), the max-based lse is taken instead."""
+    Each row's lse is z_y - log p_y, from two values the loss reads anyway, instead of from a max pass over the
+    logits and another over the log-probabilities (_log_softmax_and_lse), which took a tenth of the forward's
+    time. It is NaN where z_y = -inf (-inf - -inf), which _redo_nonfinite_lse mends after the chunks; where the
+    data cannot be looked at (a trace or a compile of this function), the max-based lse is taken instead."""
     offsets = _target_offsets(safe_target, logits.shape[1])
     if _cannot_inspect_data():
         log_probs, lse = _log_softmax_and_lse(logits, scratch)
