@@ -13,6 +13,7 @@ which calls both ops below the autograd key: the same kernels, the same bits, a 
 """
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import _functorch, _registration
 
@@ -59,12 +60,26 @@ class _EagerForward(torch.autograd.Function):
                                       backward_op=_backward_below_autograd)
 
 
+def _reject_forward_mode_ad(tensors):
+    """The ops have no forward-mode (jvp) rule. A dual tensor (torch.autograd.forward_ad) that does not require
+    grad would reach the kernels with its tangent dropped, and the loss would come out with none: an error
+    instead. (torch.func.jvp, and dual tensors that require grad, stop at the autograd.Function's missing jvp.)"""
+    if forward_ad._current_level < 0:  # no dual level open: no tensor can carry a tangent
+        return
+    if any(tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors):
+        raise NotImplementedError(
+            "labelsmooth_ext: forward-mode AD (dual tensors of torch.autograd.forward_ad) is not supported: the "
+            "loss has no jvp rule. Use reverse mode (backward(), torch.autograd.grad, torch.func.grad or vjp)."
+        )
+
+
 def forward(input, target, weight, *options):
     """ls_cross_entropy_forward(input, target, weight, *options) with its autograd formula, wherever it is
     called from."""
     args = (input, target, weight, *options)
     if not _is_plain_eager((input, target, weight)):
         return _functorch.forward(*args)
+    _reject_forward_mode_ad((input, target, weight))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, target, weight)):
         return _EagerForward.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():

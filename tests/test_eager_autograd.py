@@ -108,3 +108,18 @@ def test_dispatch_modes_still_see_the_ops(gen):
     with recorder:
         labelsmooth_ext.cross_entropy(x, target, weight, **kwargs).backward()
     assert FORWARD_NAME in recorder.names and BACKWARD_NAME in recorder.names, recorder.names
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["plain_dual", "dual_requiring_grad"])
+def test_forward_mode_ad_is_a_clear_error(requires_grad, gen):
+    """The loss has no jvp rule: a dual input must raise, never give a loss without its tangent."""
+    import torch.autograd.forward_ad as forward_ad
+
+    x, target, weight, kwargs = _case(gen, torch.float32, "index", False, "mean", {})
+    with forward_ad.dual_level():
+        primal = x.detach().clone().requires_grad_(requires_grad)
+        dual = forward_ad.make_dual(primal, torch.randn(x.shape, generator=gen))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            labelsmooth_ext.cross_entropy(dual, target, weight, **kwargs)
+    # Outside a dual level the same call works.
+    assert torch.isfinite(labelsmooth_ext.cross_entropy(x, target, weight, **kwargs))
