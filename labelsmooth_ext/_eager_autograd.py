@@ -19,6 +19,10 @@ from . import _functorch, _registration
 
 _OPS = torch.ops.labelsmooth
 
+# Tensors whose calls reach the kernels unchanged: nn.Parameter (learned logits or class weights) disables
+# __torch_function__, so it dispatches as a plain tensor does.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 
 def _is_plain_eager(tensors):
     """Whether nothing but eager autograd has to see the op: anything else (a subclass such as a fake or
@@ -26,7 +30,7 @@ def _is_plain_eager(tensors):
     # is_compiling first: torch.compile traces this function, and must not reach the other checks.
     return (
         not torch.compiler.is_compiling()
-        and all(tensor is None or type(tensor) is torch.Tensor for tensor in tensors)
+        and all(tensor is None or type(tensor) in _PLAIN_TENSOR_TYPES for tensor in tensors)
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()

@@ -79,6 +79,23 @@ def test_eager_route_gives_the_dispatchers_bits(dtype, target_kind, weighted, re
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (ours, theirs)
 
 
+def test_parameters_take_the_eager_route(gen, monkeypatch):
+    """Learned class weights (and logits) are nn.Parameters: plain tensors to the dispatcher, so the eager route
+    serves them, with the dispatcher route's bits."""
+    x, target, weight, kwargs = _case(gen, torch.float32, "index", True, "mean", {})
+    logits, class_weight_param = torch.nn.Parameter(x.detach().clone()), torch.nn.Parameter(weight.detach().clone())
+    results = []
+    for route in ("eager", "dispatcher"):
+        if route == "dispatcher":
+            monkeypatch.setattr(_eager_autograd, "_is_plain_eager", lambda tensors: False)
+        loss = labelsmooth_ext.cross_entropy(logits, target, class_weight_param, **kwargs)
+        nodes = _backward_node_names(loss)
+        assert ("_EagerForwardBackward" in nodes) == (route == "eager"), nodes
+        results.append((loss, *torch.autograd.grad(loss, (logits, class_weight_param))))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
 def test_eager_route_without_autograd(context, gen):
     x, target, weight, kwargs = _case(gen, torch.float32, "index", True, "mean", {"return_lse": True})
