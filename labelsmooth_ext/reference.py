@@ -300,14 +300,15 @@ def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tens
     time. It is NaN where z_y = -inf (-inf - -inf), which _redo_nonfinite_lse mends after the chunks; where the
     data cannot be looked at (a trace or a compile of this function), the max-based lse is taken instead."""
     offsets = _target_offsets(safe_target, logits.shape[1])
-    if _cannot_inspect_data():
-        log_probs, lse = _log_softmax_and_lse(logits, scratch)
-        parts.lse.copy_(lse)
-        torch.take(log_probs, offsets, out=parts.target_nll).neg_()
-    else:
+    from_target = not _cannot_inspect_data()
+    if from_target:
         torch.take(logits, offsets, out=parts.lse)  # z_y, before the log_softmax may overwrite the logits
         log_probs = torch.ops.aten._log_softmax.out(logits, 1, False, out=scratch)
-        torch.take(log_probs, offsets, out=parts.target_nll).neg_()
+    else:
+        log_probs, lse = _log_softmax_and_lse(logits, scratch)
+        parts.lse.copy_(lse)
+    torch.take(log_probs, offsets, out=parts.target_nll).neg_()
+    if from_target:
         parts.lse.add_(parts.target_nll)
     if parts.smoothing is not None:
         parts.smoothing.copy_(_weighted_row_sums(log_probs, weight)).neg_()
