@@ -14,7 +14,8 @@ per-row scales computed once per call, and each pass here is one op.
 
 Sums are taken relative to the row max: z_c - max <= 0, so sum_c w_c (lse - z_c) = W log s - sum_c w_c
 (z_c - max) adds two non-negative terms (no cancellation, whatever the common offset of the logits),
-and it never takes the log of a probability (which underflows).
+and it never takes the log of a probability (which underflows). The exponentials go through
+_reference_exp2.py, as on the row-major path.
 """
 
 from __future__ import annotations
@@ -22,45 +23,50 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _reference_exp2 as _exp2
+
 
 def forward_parts(logits: Tensor, safe_target: Tensor, weight: Tensor | None, weight_total: Tensor | float,
                   scratch: Tensor | None, parts) -> None:
     """Writes each row's lse, -log p_y and, where parts.smoothing is given, sum_c w_c (-log p_c) into
     `parts` (the chunk's flat views of the call's per-row results), from a (K, rows) chunk, which is
     overwritten. `scratch`, a matrix of the chunk's shape, is needed only with weights and smoothing."""
-    row_max = torch.amax(logits, 0, out=parts.lse)
-    shifted = logits.sub_(row_max)
+    pivot = _exp2.finite_pivot(torch.amax(logits, 0, out=parts.lse))
     # z_y - max of each row, taken at flat offsets y * rows + r: offsets and take cost about 60% of the time of
     # a gather along dim 0.
-    rows = shifted.shape[1]
-    offsets = torch.add(torch.arange(rows, device=shifted.device), safe_target, alpha=rows)
-    shifted_target = torch.take(shifted, offsets, out=parts.target_nll)
+    rows = logits.shape[1]
+    offsets = torch.add(torch.arange(rows, device=logits.device), safe_target, alpha=rows)
+    shifted_target = torch.take(logits, offsets, out=parts.target_nll).sub_(pivot)
+    exponents = _exp2.exponents(logits, pivot * -_exp2.LOG2E, logits)  # (z - max) log2(e)
     if parts.smoothing is not None:
-        weighted = shifted if weight is None else torch.mul(shifted, weight.unsqueeze(1), out=scratch)
+        weighted = exponents if weight is None else torch.mul(exponents, weight.unsqueeze(1), out=scratch)
         torch.sum(weighted, 0, out=parts.smoothing)
-    log_sum = shifted.exp_().sum(dim=0).log_()  # log sum_c exp(z_c - max)
-    parts.lse.add_(log_sum)
+    log_sum = _exp2.exp2_(exponents).sum(dim=0).log_()  # log sum_c exp(z_c - max)
+    torch.add(pivot, log_sum, out=parts.lse)
     torch.sub(log_sum, shifted_target, out=parts.target_nll)
     if parts.smoothing is not None:
-        torch.sub(log_sum * weight_total, parts.smoothing, out=parts.smoothing)
+        torch.sub(log_sum * weight_total, parts.smoothing, alpha=1.0 / _exp2.LOG2E, out=parts.smoothing)
 
 
-def probabilities(block: Tensor, logits: Tensor | None, lse: Tensor, out: Tensor) -> Tensor:
-    """p = exp(z - lse) of a chunk as a (K, rows) matrix in `out` (which may be `logits`): from `logits`, the
-    chunk already in class-major form (capped), or else read straight from the class-last `block` (of out's
-    dtype)."""
+def scaled_probabilities(block: Tensor, logits: Tensor | None, prob_exponent: Tensor, negative: Tensor | None,
+                         out: Tensor) -> Tensor:
+    """prob_scale p = prob_scale exp(z - lse) of a chunk as a (K, rows) matrix in `out` (which may be
+    `logits`), from the per-row exponents and signs of _reference_exp2: from `logits`, the chunk already in
+    class-major form (capped), or else read straight from the class-last `block` (of out's dtype)."""
     source = block.movedim(-1, 0) if logits is None else logits.view(-1, *block.shape[:-1])
-    return torch.sub(source, lse.view(block.shape[:-1]), out=out.view(source.shape)).exp_().view(out.shape)
+    rows = block.shape[:-1]
+    return _exp2.scaled_probabilities(source, prob_exponent.view(rows), None if negative is None else
+                                      negative.view(rows), out.view(source.shape)).view(out.shape)
 
 
-def write_gradient(probs: Tensor, prob_scale: Tensor, smooth_scale: Tensor | None, target_shift: Tensor,
-                   safe_target: Tensor, weight: Tensor | None, derivative: Tensor | None, out: Tensor) -> None:
+def write_gradient(probs: Tensor, smooth_scale: Tensor | None, target_shift: Tensor, safe_target: Tensor,
+                   weight: Tensor | None, derivative: Tensor | None, out: Tensor) -> None:
     """Writes prob_scale p_c - smooth_scale w_c + [c = y] target_shift (one scale per row; smooth_scale None
     when eps = 0), times `derivative` (softcap's chain rule) when given, into `out`, the chunk's class-last
-    slice of the gradient. `probs` ((K, rows), p) is overwritten; the last op writes into `out` directly
-    when it has probs' dtype (transposing on the way), else one copy converts."""
+    slice of the gradient. `probs` ((K, rows), prob_scale p) is overwritten; the last op writes into `out`
+    directly when it has probs' dtype (transposing on the way), else one copy converts."""
     rows = out.shape[:-1]
-    grad = probs.mul_(prob_scale).scatter_add_(0, safe_target.unsqueeze(0), target_shift.unsqueeze(0))
+    grad = probs.scatter_add_(0, safe_target.unsqueeze(0), target_shift.unsqueeze(0))
     grad = grad.view(-1, *rows)
     destination = out.movedim(-1, 0)
     direct = destination if out.dtype == probs.dtype else None

@@ -40,8 +40,7 @@ def _class_sums(input, target, lse, weights_of_rows, softcap, acc, probability, 
     row_shape = class_last.shape[:-1]
     target_last = target.movedim(class_dim, -1) if probability else target
     chunks = reference._row_chunks(row_shape, num_classes, input.dtype, acc)
-    largest = max((reference._chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
-    buffers = reference._ChunkBuffers(largest, acc, input.device)
+    buffers = reference._call_buffers(chunks, row_shape, num_classes, acc, input.device)
     total = torch.zeros(num_classes, dtype=acc, device=input.device)
     for index in chunks:
         logits, _ = reference._capped_rows(class_last[index], num_classes, softcap, buffers)

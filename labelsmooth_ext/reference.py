@@ -6,25 +6,25 @@ the same thing; see that header for the derivations.
 
 Rows are processed in chunks of at most ``CHUNK_LOGITS`` logits (at least one row), with the class dim
 moved last only inside the chunk, so the N x K temporaries never exceed one chunk whatever the batch
-size, and large inputs are never copied whole. Each chunk goes through PyTorch's fused, vectorized
-(log-)softmax kernels and a few in-place passes over buffers that are allocated once per call and stay
-in the last-level cache, which keeps it near the speed of eager ``F.cross_entropy`` (faster at most of the
-benchmark's shapes; see the README) while holding far less memory. Per-row work runs once per call, on
-tensors of all the rows, not once per chunk. Rows of few classes (image classification's 10 or 100) go
-class-major instead (_reference_class_major.py): there every pass is vectorized across rows rather than
-along rows too short to vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any
-device.
+size, and large inputs are never copied whole. Each chunk goes through a few passes of vectorized ATen ops
+(exponentials through exp2, _reference_exp2.py) over buffers that are allocated once per call and stay in
+the last-level cache, which keeps it about as fast as eager ``F.cross_entropy`` or faster (see the README)
+while holding far less memory. Per-row work runs once per call, on tensors of all the rows, not once per
+chunk. Rows of few classes (CIFAR's 10, VOC segmentation's 21) go class-major instead
+(_reference_class_major.py): there every pass is vectorized across rows rather than along rows too short to
+vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any device.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _reference_class_major as _class_major
+from . import _reference_exp2 as _exp2
 from . import _validation
 
 __all__ = ["CHUNK_LOGITS", "ls_cross_entropy_forward", "ls_cross_entropy_backward"]
@@ -43,10 +43,6 @@ _MIN_CHUNK_LOGITS = 1 << 16
 # Rows of at most this many classes are processed class-major (see the module docstring): below it, the
 # per-row reductions of the row-major path cost more than transposing the chunk into the buffer.
 CLASS_MAJOR_MAX_CLASSES = 32
-
-# Up to this many classes a full chunk holds at least 64 rows, and the backward takes p from ATen's softmax,
-# which reads each row once for its max, exp-sum and scaling but spreads rows, not logits, over threads.
-_SOFTMAX_MAX_CLASSES = CHUNK_LOGITS // 64
 
 # ATen sums a single long reduction (one output, over 32768 elements) in per-thread pieces grouped by
 # the thread count, but several outputs each serially. Such sums are therefore taken over blocks of
@@ -112,11 +108,12 @@ def _row_chunks(row_shape: tuple[int, ...], num_classes: int, input_dtype: torch
 
 class _ChunkBuffers:
     """Scratch of one op call: named (rows, classes) matrices in the accumulation dtype, each backed by one
-    allocation of the largest chunk's size, so chunks reuse the same (cached) memory instead of faulting in
-    fresh pages every time."""
+    allocation of the largest chunk's size (with the spare room of _reference_exp2.exp2_), so chunks reuse the
+    same (cached) memory instead of faulting in fresh pages every time."""
 
-    def __init__(self, largest_chunk: int, dtype: torch.dtype, device: torch.device):
-        self._size, self.dtype, self._device = largest_chunk, dtype, device
+    def __init__(self, chunk_sizes: Iterable[int], dtype: torch.dtype, device: torch.device):
+        self._size = max((_exp2.padded_length(size) for size in chunk_sizes), default=0)
+        self.dtype, self._device = dtype, device
         self._storage: dict[str, Tensor] = {}
 
     def matrix(self, name: str, rows: int, num_classes: int) -> Tensor:
@@ -138,6 +135,12 @@ class _ChunkBuffers:
     def scratch_for(self, logits: Tensor, owned: bool) -> Tensor:
         """Where a pass that replaces the logits writes: over them when they are this call's own copy."""
         return logits if owned else self.matrix("scratch", *logits.shape)
+
+
+def _call_buffers(chunks: list[tuple], row_shape: tuple[int, ...], num_classes: int, dtype: torch.dtype,
+                  device: torch.device) -> _ChunkBuffers:
+    """The buffers of a call that processes `chunks` (from _row_chunks)."""
+    return _ChunkBuffers((_chunk_logits(index, row_shape, num_classes) for index in chunks), dtype, device)
 
 
 def _chunk_logits(index: tuple, row_shape: tuple[int, ...], num_classes: int) -> int:
@@ -168,11 +171,12 @@ def _sum_all(values: Tensor) -> Tensor:
 def _log_softmax_and_lse(logits: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     """log_softmax of a (rows, K) chunk into `out`, which may be the chunk itself (PyTorch's fused kernel:
     (z - max) - log sum exp(z - max)), and each row's lse = max + log sum exp(z - max): the largest
-    log-probability, the one of the row's maximum, is exactly -log sum exp(z - max). An all -inf row or a
-    +inf logit give NaN, as in PyTorch."""
+    log-probability, the one of the row's maximum, is exactly -log sum exp(z - max). A +inf or NaN logit gives
+    NaN log-probabilities and lse, as in PyTorch; so does a row of only -inf logits, whose lse is -inf (as
+    torch.logsumexp and the kernels give)."""
     row_max = logits.amax(dim=1)
     log_probs = torch.ops.aten._log_softmax.out(logits, 1, False, out=out)
-    return log_probs, row_max - log_probs.amax(dim=1)
+    return log_probs, torch.where(row_max == -math.inf, row_max, row_max - log_probs.amax(dim=1))
 
 
 def uniform_smoothing(label_smoothing: float, smoothing: int, num_classes: int) -> float:
@@ -187,11 +191,6 @@ def uniform_smoothing(label_smoothing: float, smoothing: int, num_classes: int) 
 def _softcapped(logits: Tensor, softcap: float, out: Tensor) -> Tensor:
     """softcap * tanh(z / softcap) into `out`, which may be `logits` itself."""
     return torch.div(logits, softcap, out=out).tanh_().mul_(softcap)
-
-
-def _weighted_row_sums(values: Tensor, weight: Tensor | None) -> Tensor:
-    """sum_c w_c v_c per row, multiplying `values` in place (the caller is done with them)."""
-    return _sum_rows(values if weight is None else values.mul_(weight))
 
 
 def _valid_and_safe_targets(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -291,41 +290,30 @@ def _class_index_loss(valid: Tensor, w_target: Tensor | None, parts: _ClassIndex
     return torch.where(valid, loss, zero, out=loss), torch.where(valid, parts.lse, zero, out=parts.lse)
 
 
-def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tensor | None, scratch: Tensor,
-                               parts: _ClassIndexRows) -> None:
-    """Writes the chunk's `parts` from its logits as a (rows, K) matrix, through PyTorch's fused log_softmax.
+def _class_index_chunk_forward(logits: Tensor, owned: bool, safe_target: Tensor, weight: Tensor | None,
+                               buffers: _ChunkBuffers, parts: _ClassIndexRows) -> None:
+    """Writes the chunk's `parts` from its logits as a (rows, K) matrix (overwritten where `owned`).
 
-    Each row's lse is z_y - log p_y, from two values the loss reads anyway, instead of from a max pass over the
-    logits and another over the log-probabilities (_log_softmax_and_lse), which took a tenth of the forward's
-    time. It is NaN where z_y = -inf (-inf - -inf), which _redo_nonfinite_lse mends after the chunks; where the
-    data cannot be looked at (a trace or a compile of this function), the max-based lse is taken instead."""
-    offsets = _target_offsets(safe_target, logits.shape[1])
-    from_target = not _cannot_inspect_data()
-    if from_target:
-        torch.take(logits, offsets, out=parts.lse)  # z_y, before the log_softmax may overwrite the logits
-        log_probs = torch.ops.aten._log_softmax.out(logits, 1, False, out=scratch)
-    else:
-        log_probs, lse = _log_softmax_and_lse(logits, scratch)
-        parts.lse.copy_(lse)
-    torch.take(log_probs, offsets, out=parts.target_nll).neg_()
-    if from_target:
-        parts.lse.add_(parts.target_nll)
+    With the row's max m (_exp2.finite_pivot) and t_c = (z_c - m) log2(e): s = sum_c 2^t_c = sum_c exp(z_c - m), so
+    lse = m + log s, -log p_y = log s - (z_y - m) and sum_c w_c (lse - z_c) = W log s - sum_c w_c t_c / log2(e).
+    Each is a sum of two terms of one sign: no cancellation whatever the logits' common offset (as on the
+    class-major path), and no log of a probability, which underflows. This takes about 15% less time than
+    ATen's log_softmax (which also writes every log-probability) followed by a sum over its output
+    (_reference_exp2.py)."""
+    row_max = logits.amax(dim=1)
+    pivot = _exp2.finite_pivot(row_max)
+    shifted_target = torch.take(logits, _target_offsets(safe_target, logits.shape[1])).sub_(pivot)
+    exponents = _exp2.exponents(logits, (pivot * -_exp2.LOG2E).unsqueeze(1), buffers.scratch_for(logits, owned))
     if parts.smoothing is not None:
-        parts.smoothing.copy_(_weighted_row_sums(log_probs, weight)).neg_()
-
-
-def _redo_nonfinite_lse(lse_rows: Tensor, valid: Tensor, class_last: Tensor, softcap: float | None,
-                        dtype: torch.dtype) -> None:
-    """Gives the valid rows whose lse = z_y - log p_y is not finite the max-based lse of _log_softmax_and_lse, in
-    place: finite where only z_y = -inf; NaN, as in PyTorch, for rows with a +inf or NaN logit or only -inf ones.
-    Such rows are rare (a target whose logit is masked), so they are taken out of the logits by index."""
-    redo = valid & ~torch.isfinite(lse_rows)
-    if _cannot_inspect_data() or not bool(redo.any()):
-        return
-    logits = class_last[redo].to(dtype)
-    if softcap is not None:
-        logits = _softcapped(logits, softcap, logits)
-    lse_rows[redo] = _log_softmax_and_lse(logits, torch.empty_like(logits))[1]
+        weighted = exponents if weight is None else \
+            torch.mul(exponents, weight, out=buffers.matrix("weighted", *logits.shape))
+        parts.smoothing.copy_(_sum_rows(weighted))  # sum_c w_c t_c
+    log_sum = _sum_rows(_exp2.exp2_(exponents)).log_()
+    torch.add(pivot, log_sum, out=parts.lse)
+    torch.sub(log_sum, shifted_target, out=parts.target_nll)
+    if parts.smoothing is not None:
+        torch.sub(log_sum * _weight_total(weight, logits.shape[1]), parts.smoothing, alpha=1.0 / _exp2.LOG2E,
+                  out=parts.smoothing)
 
 
 def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
@@ -410,8 +398,7 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
         return torch.zeros(shape, dtype=acc, device=input.device)
 
     chunks = _row_chunks(row_shape, num_classes, input.dtype, acc)
-    largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
-    buffers = _ChunkBuffers(largest, acc, input.device)
+    buffers = _call_buffers(chunks, row_shape, num_classes, acc, input.device)
     if probability:
         loss_rows, lse_rows, mass_rows = rows_of_zeros(), rows_of_zeros(), rows_of_zeros()
         for index in chunks:
@@ -430,10 +417,7 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
                                                        parts.of_chunk(index))
             else:
                 logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
-                _class_index_chunk_forward(logits, chunk_target, acc_weight, buffers.scratch_for(logits, owned),
-                                           parts.of_chunk(index))
-        if num_classes > CLASS_MAJOR_MAX_CLASSES:
-            _redo_nonfinite_lse(parts.lse, valid, class_last, softcap, acc)
+                _class_index_chunk_forward(logits, owned, chunk_target, acc_weight, buffers, parts.of_chunk(index))
         loss_rows, lse_rows = _class_index_loss(valid, _target_weights_or_none(safe_target, acc_weight, acc), parts,
                                                 eps, num_classes)
         mass_rows = rows_of_zeros((0,))
@@ -448,17 +432,23 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
 
 class _GradScales(NamedTuple):
     """Per-row constants of the class-index gradient: dL/dz_j = prob_scale * p_j - smooth_scale * w_j
-    + [j = y] * target_shift (smooth_scale None when eps = 0), with p_j = exp(z_j - lse). Computed once per
-    call for all rows (in the row shape); each chunk takes its rows with of_chunk."""
-    lse: Tensor
-    prob_scale: Tensor
+    + [j = y] * target_shift (smooth_scale None when eps = 0), with p_j = exp(z_j - lse), and prob_scale * p_j
+    taken as _reference_exp2.scaled_probabilities from prob_exponent and negative. Computed once per call for
+    all rows (in the row shape); each chunk takes its rows with of_chunk."""
+    prob_exponent: Tensor
+    negative: Tensor | None
     smooth_scale: Tensor | None
     target_shift: Tensor
     safe_target: Tensor
 
     def of_chunk(self, index: tuple) -> "_GradScales":
         """The scales of the rows that `index` selects, flat."""
-        return _GradScales(*(None if rows is None else rows[index].reshape(-1) for rows in self))
+        return _GradScales(*(_chunk_rows(rows, index) for rows in self))
+
+
+def _chunk_rows(rows: Tensor | None, index: tuple) -> Tensor | None:
+    """The values of the rows that `index` selects from per-row values (in the row shape), flat."""
+    return None if rows is None else rows[index].reshape(-1)
 
 
 def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor, safe_target: Tensor,
@@ -478,29 +468,34 @@ def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor
     # A gradient reaching lse (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
     if grad_lse is not None:
         prob_scale = prob_scale + torch.where(valid, grad_lse, 0.0)
-    return _GradScales(lse, prob_scale, None if eps == 0 else upstream * smooth, target_shift, safe_target)
+    return _GradScales(_exp2.scale_exponents(prob_scale, lse), _negative_rows(prob_scale),
+                       None if eps == 0 else upstream * smooth, target_shift, safe_target)
 
 
-def _row_probabilities(logits: Tensor, lse: Tensor, out: Tensor) -> Tensor:
-    """p of a (rows, K) chunk into `out` (which may be `logits`): softmax(z) up to _SOFTMAX_MAX_CLASSES classes
-    (a quarter faster than the two passes below), else exp(z - lse) from the saved lse, parallel over all the
-    logits of the few rows of a chunk. Ignored rows (lse = inf) get p = 0 from the latter; from softmax
-    their p is finite too, unless their logits are not (where PyTorch's gradient is NaN as well)."""
-    if logits.shape[1] <= _SOFTMAX_MAX_CLASSES:
-        return torch.ops.aten._softmax.out(logits, 1, False, out=out)
-    return torch.sub(logits, lse.unsqueeze(1), out=out).exp_()
+def _negative_rows(prob_scale: Tensor) -> Tensor | None:
+    """Where the scale of p is negative (an upstream gradient < 0), or None where it is nowhere: the sign then
+    costs no pass. Where the data cannot be looked at, the mask is always kept."""
+    negative = prob_scale < 0
+    return negative if _cannot_inspect_data() or bool(negative.any()) else None
+
+
+def _unsqueezed(rows: Tensor | None) -> Tensor | None:
+    """Per-row values of a chunk, shaped to broadcast over its (rows, K) matrix."""
+    return None if rows is None else rows.unsqueeze(1)
 
 
 def _class_index_chunk_backward(logits: Tensor, scales: _GradScales, weight: Tensor | None, scratch: Tensor,
                                 out: Tensor) -> Tensor:
-    prob_scale = scales.prob_scale.unsqueeze(1)
-    probs = _row_probabilities(logits, scales.lse, scratch)
+    """The gradient of a (rows, K) chunk into `out`, through prob_scale * p in `scratch` (a buffer's matrix,
+    which `out` and `logits` may be)."""
+    grad = _exp2.scaled_probabilities(logits, scales.prob_exponent.unsqueeze(1), _unsqueezed(scales.negative),
+                                      scratch)
     if scales.smooth_scale is None:
-        grad = torch.mul(probs, prob_scale, out=out)
-    elif weight is None:  # two passes with one broadcast operand each: faster than one addcmul with two
-        grad = torch.mul(probs, prob_scale, out=out).sub_(scales.smooth_scale.unsqueeze(1))
+        grad = grad if out is grad else out.copy_(grad)
+    elif weight is None:
+        grad = torch.sub(grad, scales.smooth_scale.unsqueeze(1), out=out)
     else:
-        grad = torch.addcmul(probs.mul_(prob_scale), scales.smooth_scale.unsqueeze(1), weight, value=-1.0, out=out)
+        grad = torch.addcmul(grad, scales.smooth_scale.unsqueeze(1), weight, value=-1.0, out=out)
     offsets = _target_offsets(scales.safe_target, logits.shape[1])
     return grad.view(-1).index_add_(0, offsets, scales.target_shift).view(grad.shape)
 
@@ -510,17 +505,19 @@ def _class_index_chunk_backward_class_major(block: Tensor, scales: _GradScales, 
     """The gradient of a chunk of few classes (_reference_class_major.py) into `out`, its class-last slice."""
     num_classes, rows = block.shape[-1], block.numel() // block.shape[-1]
     if softcap is None and block.dtype == buffers.dtype:  # read straight from the block, transposing
-        probs = _class_major.probabilities(block, None, scales.lse, buffers.matrix("logits", num_classes, rows))
+        probs = _class_major.scaled_probabilities(block, None, scales.prob_exponent, scales.negative,
+                                                  buffers.matrix("logits", num_classes, rows))
         derivative = None
     elif softcap is None:  # converted into the buffer first, then overwritten by p
         logits = _class_major_rows(block, None, buffers)
-        probs = _class_major.probabilities(block, logits, scales.lse, logits)
+        probs = _class_major.scaled_probabilities(block, logits, scales.prob_exponent, scales.negative, logits)
         derivative = None
     else:  # the capped logits live on for the chain rule through the tanh
         logits = _class_major_rows(block, softcap, buffers)
-        probs = _class_major.probabilities(block, logits, scales.lse, buffers.matrix("probs", num_classes, rows))
+        probs = _class_major.scaled_probabilities(block, logits, scales.prob_exponent, scales.negative,
+                                                  buffers.matrix("probs", num_classes, rows))
         derivative = _softcap_derivative(logits, softcap)
-    _class_major.write_gradient(probs, scales.prob_scale, scales.smooth_scale, scales.target_shift,
+    _class_major.write_gradient(probs, scales.smooth_scale, scales.target_shift,
                                 scales.safe_target, weight, derivative, out)
 
 
@@ -531,13 +528,13 @@ def _softcap_derivative(capped: Tensor, softcap: float) -> Tensor:
     return torch.rsub(t, 1.0).mul_(t.add_(1.0))
 
 
-def _probability_chunk_backward(logits: Tensor, lse: Tensor, grad_lse: Tensor | None, mass: Tensor, target: Tensor,
+def _probability_chunk_backward(logits: Tensor, prob_exponent: Tensor, negative: Tensor | None, target: Tensor,
                                 upstream: Tensor, weight: Tensor | None, eps: float, scratch: Tensor, out: Tensor,
                                 buffers: _ChunkBuffers) -> Tensor:
-    # dL/dz_j = g * (mass * p_j - w_j t'_j) + grad_lse * p_j
+    """dL/dz_j = (g * mass + grad_lse) * p_j - g * w_j t'_j into `out`, the first term from its per-row
+    exponents (_reference_exp2.scale_exponents) in `scratch` (a buffer's matrix, which `out` may be)."""
     weighted_target = _smoothed_weighted_target(target, weight, eps, buffers.matrix("target", *logits.shape))
-    prob_scale = upstream * mass if grad_lse is None else upstream * mass + grad_lse
-    probs = _row_probabilities(logits, lse, scratch).mul_(prob_scale.unsqueeze(1))
+    probs = _exp2.scaled_probabilities(logits, prob_exponent.unsqueeze(1), _unsqueezed(negative), scratch)
     return torch.addcmul(probs, weighted_target, upstream.unsqueeze(1), value=-1.0, out=out)
 
 
@@ -565,15 +562,16 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_class_last = grad_input.movedim(class_dim, -1)
     chunks = _row_chunks(row_shape, num_classes, input.dtype, acc)
-    largest = max((_chunk_logits(index, row_shape, num_classes) for index in chunks), default=0)
-    buffers = _ChunkBuffers(largest, acc, input.device)
+    buffers = _call_buffers(chunks, row_shape, num_classes, acc, input.device)
     class_major = not probability and num_classes <= CLASS_MAJOR_MAX_CLASSES
-    all_scales = None if probability else _class_index_grad_scales(acc_lse, acc_grad_lse, *classes, upstream_rows,
-                                                                   acc_weight, eps, num_classes)
+    if probability:  # dL/dz_j = (g * mass + grad_lse) * p_j - g * w_j t'_j
+        prob_scale = upstream_rows * target_mass
+        prob_scale = prob_scale if acc_grad_lse is None else prob_scale + acc_grad_lse
+        prob_exponent, negative = _exp2.scale_exponents(prob_scale, acc_lse), _negative_rows(prob_scale)
+    else:
+        all_scales = _class_index_grad_scales(acc_lse, acc_grad_lse, *classes, upstream_rows, acc_weight, eps,
+                                              num_classes)
     for index in chunks:
-        chunk_lse = acc_lse[index].reshape(-1)
-        chunk_grad_lse = None if acc_grad_lse is None else acc_grad_lse[index].reshape(-1)
-        upstream = upstream_rows[index].reshape(-1)
         chunk_out = grad_class_last[index]
         scales = None if probability else all_scales.of_chunk(index)
         if class_major:
@@ -588,9 +586,9 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
         scratch = buffers.scratch_for(logits, owned) if softcap is None else buffers.matrix("probs", *logits.shape)
         out = chunk_out.view(logits.shape) if direct and softcap is None else scratch
         if probability:
-            grad = _probability_chunk_backward(logits, chunk_lse, chunk_grad_lse, target_mass[index].reshape(-1),
-                                               target_source[index], upstream, acc_weight, eps, scratch, out,
-                                               buffers)
+            grad = _probability_chunk_backward(logits, _chunk_rows(prob_exponent, index), _chunk_rows(negative, index),
+                                               target_source[index], _chunk_rows(upstream_rows, index), acc_weight,
+                                               eps, scratch, out, buffers)
         else:
             grad = _class_index_chunk_backward(logits, scales, acc_weight, scratch, out)
         if softcap is not None:
