@@ -15,8 +15,9 @@ so exp2_ runs over padded_length(n) >= n elements, a length that splits into who
 widest vectors: no element takes the scalar path. The padding lies in the spare room of the call's buffers,
 which are allocated with it (reference._ChunkBuffers).
 
-The same helpers serve the row-major path (reference.py), whose per-row values broadcast as (rows, 1), and
-the class-major path (_reference_class_major.py), as (rows,) over a (K, rows) chunk.
+The same helpers serve the row-major backward (reference.py; its forward keeps ATen's fused log_softmax,
+which reads each row from cache for all its passes), whose per-row values broadcast as (rows, 1), and both
+directions of the class-major path (_reference_class_major.py), as (rows,) over a (K, rows) chunk.
 """
 
 from __future__ import annotations

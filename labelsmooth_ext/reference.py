@@ -7,9 +7,9 @@ the same thing; see that header for the derivations.
 Rows are processed in chunks of at most ``CHUNK_LOGITS`` logits (at least one row), with the class dim
 moved last only inside the chunk, so the N x K temporaries never exceed one chunk whatever the batch
 size, and large inputs are never copied whole. Each chunk goes through a few passes of vectorized ATen ops
-(exponentials through exp2, _reference_exp2.py) over buffers that are allocated once per call and stay in
-the last-level cache, which keeps it about as fast as eager ``F.cross_entropy`` or faster (see the README)
-while holding far less memory. Per-row work runs once per call, on tensors of all the rows, not once per
+(the forward through PyTorch's fused log_softmax, the backward's exponentials through exp2:
+_reference_exp2.py) over buffers that are allocated once per call and stay in the last-level cache, which
+keeps it about as fast as eager ``F.cross_entropy`` or faster (see the README) while holding far less memory. Per-row work runs once per call, on tensors of all the rows, not once per
 chunk. Rows of few classes (CIFAR's 10, VOC segmentation's 21) go class-major instead
 (_reference_class_major.py): there every pass is vectorized across rows rather than along rows too short to
 vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any device.
@@ -193,6 +193,11 @@ def _softcapped(logits: Tensor, softcap: float, out: Tensor) -> Tensor:
     return torch.div(logits, softcap, out=out).tanh_().mul_(softcap)
 
 
+def _weighted_row_sums(values: Tensor, weight: Tensor | None) -> Tensor:
+    """sum_c w_c v_c per row, multiplying `values` in place (the caller is done with them)."""
+    return _sum_rows(values if weight is None else values.mul_(weight))
+
+
 def _valid_and_safe_targets(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Rows to use, and targets in which ignored rows point at class 0 so that gathering logits or
     weights never uses the ignore value as an index."""
@@ -290,30 +295,41 @@ def _class_index_loss(valid: Tensor, w_target: Tensor | None, parts: _ClassIndex
     return torch.where(valid, loss, zero, out=loss), torch.where(valid, parts.lse, zero, out=parts.lse)
 
 
-def _class_index_chunk_forward(logits: Tensor, owned: bool, safe_target: Tensor, weight: Tensor | None,
-                               buffers: _ChunkBuffers, parts: _ClassIndexRows) -> None:
-    """Writes the chunk's `parts` from its logits as a (rows, K) matrix (overwritten where `owned`).
+def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tensor | None, scratch: Tensor,
+                               parts: _ClassIndexRows) -> None:
+    """Writes the chunk's `parts` from its logits as a (rows, K) matrix, through PyTorch's fused log_softmax.
 
-    With the row's max m (_exp2.finite_pivot) and t_c = (z_c - m) log2(e): s = sum_c 2^t_c = sum_c exp(z_c - m), so
-    lse = m + log s, -log p_y = log s - (z_y - m) and sum_c w_c (lse - z_c) = W log s - sum_c w_c t_c / log2(e).
-    Each is a sum of two terms of one sign: no cancellation whatever the logits' common offset (as on the
-    class-major path), and no log of a probability, which underflows. This takes about 15% less time than
-    ATen's log_softmax (which also writes every log-probability) followed by a sum over its output
-    (_reference_exp2.py)."""
-    row_max = logits.amax(dim=1)
-    pivot = _exp2.finite_pivot(row_max)
-    shifted_target = torch.take(logits, _target_offsets(safe_target, logits.shape[1])).sub_(pivot)
-    exponents = _exp2.exponents(logits, (pivot * -_exp2.LOG2E).unsqueeze(1), buffers.scratch_for(logits, owned))
+    Each row's lse is z_y - log p_y, from two values the loss reads anyway, instead of from a max pass over the
+    logits and another over the log-probabilities (_log_softmax_and_lse), which took a tenth of the forward's
+    time. It is NaN where z_y = -inf (-inf - -inf), which _redo_nonfinite_lse mends after the chunks; where the
+    data cannot be looked at (a trace or a compile of this function), the max-based lse is taken instead."""
+    offsets = _target_offsets(safe_target, logits.shape[1])
+    from_target = not _cannot_inspect_data()
+    if from_target:
+        torch.take(logits, offsets, out=parts.lse)  # z_y, before the log_softmax may overwrite the logits
+        log_probs = torch.ops.aten._log_softmax.out(logits, 1, False, out=scratch)
+    else:
+        log_probs, lse = _log_softmax_and_lse(logits, scratch)
+        parts.lse.copy_(lse)
+    torch.take(log_probs, offsets, out=parts.target_nll).neg_()
+    if from_target:
+        parts.lse.add_(parts.target_nll)
     if parts.smoothing is not None:
-        weighted = exponents if weight is None else \
-            torch.mul(exponents, weight, out=buffers.matrix("weighted", *logits.shape))
-        parts.smoothing.copy_(_sum_rows(weighted))  # sum_c w_c t_c
-    log_sum = _sum_rows(_exp2.exp2_(exponents)).log_()
-    torch.add(pivot, log_sum, out=parts.lse)
-    torch.sub(log_sum, shifted_target, out=parts.target_nll)
-    if parts.smoothing is not None:
-        torch.sub(log_sum * _weight_total(weight, logits.shape[1]), parts.smoothing, alpha=1.0 / _exp2.LOG2E,
-                  out=parts.smoothing)
+        parts.smoothing.copy_(_weighted_row_sums(log_probs, weight)).neg_()
+
+
+def _redo_nonfinite_lse(lse_rows: Tensor, valid: Tensor, class_last: Tensor, softcap: float | None,
+                        dtype: torch.dtype) -> None:
+    """Gives the valid rows whose lse = z_y - log p_y is not finite the max-based lse of _log_softmax_and_lse, in
+    place: finite where only z_y = -inf; NaN, as in PyTorch, for rows with a +inf or NaN logit; -inf for rows of
+    only -inf logits, as torch.logsumexp and the kernels give. Such rows are rare (a target whose logit is masked), so they are taken out of the logits by index."""
+    redo = valid & ~torch.isfinite(lse_rows)
+    if _cannot_inspect_data() or not bool(redo.any()):
+        return
+    logits = class_last[redo].to(dtype)
+    if softcap is not None:
+        logits = _softcapped(logits, softcap, logits)
+    lse_rows[redo] = _log_softmax_and_lse(logits, torch.empty_like(logits))[1]
 
 
 def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
@@ -417,7 +433,10 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
                                                        parts.of_chunk(index))
             else:
                 logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
-                _class_index_chunk_forward(logits, owned, chunk_target, acc_weight, buffers, parts.of_chunk(index))
+                _class_index_chunk_forward(logits, chunk_target, acc_weight, buffers.scratch_for(logits, owned),
+                                           parts.of_chunk(index))
+        if num_classes > CLASS_MAJOR_MAX_CLASSES:
+            _redo_nonfinite_lse(parts.lse, valid, class_last, softcap, acc)
         loss_rows, lse_rows = _class_index_loss(valid, _target_weights_or_none(safe_target, acc_weight, acc), parts,
                                                 eps, num_classes)
         mass_rows = rows_of_zeros((0,))
