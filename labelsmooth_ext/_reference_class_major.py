@@ -15,7 +15,7 @@ per-row scales computed once per call, and each pass here is one op.
 Sums are taken relative to the row max: z_c - max <= 0, so sum_c w_c (lse - z_c) = W log s - sum_c w_c
 (z_c - max) adds two non-negative terms (no cancellation, whatever the common offset of the logits),
 and it never takes the log of a probability (which underflows). The exponentials go through
-_reference_exp2.py, as on the row-major path.
+_reference_exp2.py, as in the row-major backward.
 """
 
 from __future__ import annotations

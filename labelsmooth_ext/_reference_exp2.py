@@ -75,8 +75,9 @@ def scale_exponents(prob_scale: Tensor, lse: Tensor) -> Tensor:
 
 
 def scaled_probabilities(logits: Tensor, offsets: Tensor, negative: Tensor | None, out: Tensor) -> Tensor:
-    """s p_j = s exp(z_j - lse) into `out` (a buffer's matrix, see exp2_; it may be `logits`), from scale_exponents' per-row `offsets` and
-    the rows whose s < 0 (`negative`, None where no row's is), both shaped to broadcast over the logits: one
-    multiply-add pass and an exp2, and a sign pass only where some scale is negative."""
+    """s p_j = s exp(z_j - lse) into `out` (a buffer's matrix, see exp2_; it may be `logits`), from
+    scale_exponents' per-row `offsets` and the rows whose s < 0 (`negative`, None where no row's is), both
+    shaped to broadcast over the logits: one multiply-add pass and an exp2, and a sign pass only where some
+    scale is negative."""
     scaled = exp2_(exponents(logits, offsets, out))
     return scaled if negative is None else scaled.mul_(torch.where(negative, -1.0, 1.0))

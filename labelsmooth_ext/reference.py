@@ -4,13 +4,13 @@ It runs the public API when the compiled extension cannot be loaded, and serves 
 tests. The row formulas mirror csrc/kernels/ls_row_math.h term by term, so that every backend computes
 the same thing; see that header for the derivations.
 
-Rows are processed in chunks of at most ``CHUNK_LOGITS`` logits (at least one row), with the class dim
-moved last only inside the chunk, so the N x K temporaries never exceed one chunk whatever the batch
-size, and large inputs are never copied whole. Each chunk goes through a few passes of vectorized ATen ops
-(the forward through PyTorch's fused log_softmax, the backward's exponentials through exp2:
-_reference_exp2.py) over buffers that are allocated once per call and stay in the last-level cache, which
-keeps it about as fast as eager ``F.cross_entropy`` or faster (see the README) while holding far less memory. Per-row work runs once per call, on tensors of all the rows, not once per
-chunk. Rows of few classes (CIFAR's 10, VOC segmentation's 21) go class-major instead
+Rows are processed in chunks of at most ``CHUNK_LOGITS`` logits (at least one row), with the class dim moved last
+only inside the chunk, so the N x K temporaries never exceed one chunk whatever the batch size, and large inputs are
+never copied whole. Each chunk goes through a few passes of vectorized ATen ops (the row-major forward through
+PyTorch's fused log_softmax, the other exponentials through exp2: _reference_exp2.py) over buffers that are
+allocated once per call and stay in the last-level cache, which keeps it about as fast as eager ``F.cross_entropy``
+or faster (see the README) while holding far less memory. Per-row work runs once per call, on tensors of all the
+rows, not once per chunk. Rows of few classes (CIFAR's 10, VOC segmentation's 21) go class-major instead
 (_reference_class_major.py): there every pass is vectorized across rows rather than along rows too short to
 vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any device.
 """
@@ -322,7 +322,8 @@ def _redo_nonfinite_lse(lse_rows: Tensor, valid: Tensor, class_last: Tensor, sof
                         dtype: torch.dtype) -> None:
     """Gives the valid rows whose lse = z_y - log p_y is not finite the max-based lse of _log_softmax_and_lse, in
     place: finite where only z_y = -inf; NaN, as in PyTorch, for rows with a +inf or NaN logit; -inf for rows of
-    only -inf logits, as torch.logsumexp and the kernels give. Such rows are rare (a target whose logit is masked), so they are taken out of the logits by index."""
+    only -inf logits, as torch.logsumexp and the kernels give. Such rows are rare (a target whose logit is
+    masked), so they are taken out of the logits by index."""
     redo = valid & ~torch.isfinite(lse_rows)
     if _cannot_inspect_data() or not bool(redo.any()):
         return
