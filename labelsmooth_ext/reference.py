@@ -453,8 +453,8 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
 class _GradScales(NamedTuple):
     """Per-row constants of the class-index gradient: dL/dz_j = prob_scale * p_j - smooth_scale * w_j
     + [j = y] * target_shift (smooth_scale None when eps = 0), with p_j = exp(z_j - lse), and prob_scale * p_j
-    taken as _reference_exp2.scaled_probabilities from prob_exponent and negative. Computed once per call for
-    all rows (in the row shape); each chunk takes its rows with of_chunk."""
+    taken as _reference_exp2.scaled_probabilities from prob_exponent and negative (_prob_exponents). Computed
+    once per call for all rows (in the row shape); each chunk takes its rows with of_chunk."""
     prob_exponent: Tensor
     negative: Tensor | None
     smooth_scale: Tensor | None
@@ -488,28 +488,32 @@ def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor
     # A gradient reaching lse (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
     if grad_lse is not None:
         prob_scale = prob_scale + torch.where(valid, grad_lse, 0.0)
-    return _GradScales(_exp2.scale_exponents(prob_scale, lse), _negative_rows(prob_scale),
-                       None if eps == 0 else upstream * smooth, target_shift, safe_target)
+    return _GradScales(*_prob_exponents(prob_scale, lse), None if eps == 0 else upstream * smooth, target_shift,
+                       safe_target)
 
 
-def _negative_rows(prob_scale: Tensor) -> Tensor | None:
-    """Where the scale of p is negative (an upstream gradient < 0), or None where it is nowhere: the sign then
-    costs no pass. Where the data cannot be looked at, the mask is always kept."""
+def _prob_exponents(prob_scale: Tensor, lse: Tensor) -> tuple[Tensor, Tensor | None]:
+    """For per-row scales of p: the exponent offsets of _reference_exp2.scale_exponents, and the rows whose scale
+    is negative (an upstream gradient < 0), or None where none is: the sign then costs no pass. Where the data
+    cannot be looked at, the mask is always kept."""
     negative = prob_scale < 0
-    return negative if _cannot_inspect_data() or bool(negative.any()) else None
+    if not _cannot_inspect_data() and not bool(negative.any()):
+        negative = None
+    return _exp2.scale_exponents(prob_scale, lse), negative
 
 
-def _unsqueezed(rows: Tensor | None) -> Tensor | None:
-    """Per-row values of a chunk, shaped to broadcast over its (rows, K) matrix."""
-    return None if rows is None else rows.unsqueeze(1)
+def _row_scaled_probabilities(logits: Tensor, prob_exponent: Tensor, negative: Tensor | None,
+                              out: Tensor) -> Tensor:
+    """prob_scale * p of a (rows, K) chunk into `out`, from the chunk's per-row results of _prob_exponents."""
+    return _exp2.scaled_probabilities(logits, prob_exponent.unsqueeze(1),
+                                      None if negative is None else negative.unsqueeze(1), out)
 
 
 def _class_index_chunk_backward(logits: Tensor, scales: _GradScales, weight: Tensor | None, scratch: Tensor,
                                 out: Tensor) -> Tensor:
     """The gradient of a (rows, K) chunk into `out`, through prob_scale * p in `scratch` (a buffer's matrix,
     which `out` and `logits` may be)."""
-    grad = _exp2.scaled_probabilities(logits, scales.prob_exponent.unsqueeze(1), _unsqueezed(scales.negative),
-                                      scratch)
+    grad = _row_scaled_probabilities(logits, scales.prob_exponent, scales.negative, scratch)
     if scales.smooth_scale is None:
         grad = grad if out is grad else out.copy_(grad)
     elif weight is None:
@@ -554,7 +558,7 @@ def _probability_chunk_backward(logits: Tensor, prob_exponent: Tensor, negative:
     """dL/dz_j = (g * mass + grad_lse) * p_j - g * w_j t'_j into `out`, the first term from its per-row
     exponents (_reference_exp2.scale_exponents) in `scratch` (a buffer's matrix, which `out` may be)."""
     weighted_target = _smoothed_weighted_target(target, weight, eps, buffers.matrix("target", *logits.shape))
-    probs = _exp2.scaled_probabilities(logits, prob_exponent.unsqueeze(1), _unsqueezed(negative), scratch)
+    probs = _row_scaled_probabilities(logits, prob_exponent, negative, scratch)
     return torch.addcmul(probs, weighted_target, upstream.unsqueeze(1), value=-1.0, out=out)
 
 
@@ -587,7 +591,7 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
     if probability:  # dL/dz_j = (g * mass + grad_lse) * p_j - g * w_j t'_j
         prob_scale = upstream_rows * target_mass
         prob_scale = prob_scale if acc_grad_lse is None else prob_scale + acc_grad_lse
-        prob_exponent, negative = _exp2.scale_exponents(prob_scale, acc_lse), _negative_rows(prob_scale)
+        prob_exponent, negative = _prob_exponents(prob_scale, acc_lse)
     else:
         all_scales = _class_index_grad_scales(acc_lse, acc_grad_lse, *classes, upstream_rows, acc_weight, eps,
                                               num_classes)
