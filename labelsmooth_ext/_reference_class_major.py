@@ -3,19 +3,17 @@
 With K classes per row and K small (10 for CIFAR, 21 for VOC segmentation), every reduction along a row
 is a loop of K elements that no SIMD unit fills, and those loops are most of what the row-major path
 costs there. reference.py hands such a chunk over as a (K, rows) matrix instead, and every pass then runs
-across rows, vectorized: the row max and the sums are reductions over dim 0, the rest elementwise ops that
-broadcast one value per row. The forward copies the chunk transposed into the call's buffer; the backward
-fuses the transposition into its first elementwise op (reading) and its last (writing the gradient),
-except where the logits need converting or capping first.
+across rows, vectorized: the sums are reductions over dim 0, the rest elementwise ops that broadcast one value
+per row. The forward copies the chunk transposed into the call's buffer; the backward fuses the transposition
+into its first elementwise op (reading) and its last (writing the gradient), except where the logits need
+converting or capping first.
 
 At K classes a chunk holds K times fewer rows than logits, so the per-row work is a large share of the
 total: the forward writes each row's parts straight into the call's per-row tensors, the backward gets its
 per-row scales computed once per call, and each pass here is one op.
 
-Sums are taken relative to the row max: z_c - max <= 0, so sum_c w_c (lse - z_c) = W log s - sum_c w_c
-(z_c - max) adds two non-negative terms (no cancellation, whatever the common offset of the logits),
-and it never takes the log of a probability (which underflows). The exponentials go through
-_reference_exp2.py, as in the row-major backward.
+The exponentials go through _reference_exp2.py, and the forward shifts each row by its target logit, as the
+row-major forward does (_reference_exp2.target_pivot_parts).
 """
 
 from __future__ import annotations
@@ -27,25 +25,18 @@ from . import _reference_exp2 as _exp2
 
 
 def forward_parts(logits: Tensor, safe_target: Tensor, weight: Tensor | None, weight_total: Tensor | float,
-                  scratch: Tensor | None, parts) -> None:
+                  weighted: Tensor | None, parts) -> None:
     """Writes each row's lse, -log p_y and, where parts.smoothing is given, sum_c w_c (-log p_c) into
     `parts` (the chunk's flat views of the call's per-row results), from a (K, rows) chunk, which is
-    overwritten. `scratch`, a matrix of the chunk's shape, is needed only with weights and smoothing."""
-    pivot = _exp2.finite_pivot(torch.amax(logits, 0, out=parts.lse))
-    # z_y - max of each row, taken at flat offsets y * rows + r: offsets and take cost about 60% of the time of
-    # a gather along dim 0.
+    overwritten, through _reference_exp2.target_pivot_parts. `weighted`, a matrix of the chunk's shape, is needed
+    only with weights and smoothing."""
+    # z_y of each row, taken at flat offsets y * rows + r: offsets and take cost about 60% of the time of a
+    # gather along dim 0.
     rows = logits.shape[1]
     offsets = torch.add(torch.arange(rows, device=logits.device), safe_target, alpha=rows)
-    shifted_target = torch.take(logits, offsets, out=parts.target_nll).sub_(pivot)
-    exponents = _exp2.exponents(logits, pivot * -_exp2.LOG2E, logits)  # (z - max) log2(e)
-    if parts.smoothing is not None:
-        weighted = exponents if weight is None else torch.mul(exponents, weight.unsqueeze(1), out=scratch)
-        torch.sum(weighted, 0, out=parts.smoothing)
-    log_sum = _exp2.exp2_(exponents).sum(dim=0).log_()  # log sum_c exp(z_c - max)
-    torch.add(pivot, log_sum, out=parts.lse)
-    torch.sub(log_sum, shifted_target, out=parts.target_nll)
-    if parts.smoothing is not None:
-        torch.sub(log_sum * weight_total, parts.smoothing, alpha=1.0 / _exp2.LOG2E, out=parts.smoothing)
+    target_logit = torch.take(logits, offsets, out=parts.lse)
+    _exp2.target_pivot_parts(logits, target_logit, None if weight is None else weight.unsqueeze(1), weight_total,
+                             lambda values: values.sum(dim=0), logits, weighted, parts)
 
 
 def scaled_probabilities(block: Tensor, logits: Tensor | None, prob_exponent: Tensor, negative: Tensor | None,

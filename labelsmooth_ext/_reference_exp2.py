@@ -15,9 +15,8 @@ so exp2_ runs over padded_length(n) >= n elements, a length that splits into who
 widest vectors: no element takes the scalar path. The padding lies in the spare room of the call's buffers,
 which are allocated with it (reference._ChunkBuffers).
 
-The same helpers serve the row-major backward (reference.py; its forward keeps ATen's fused log_softmax,
-which reads each row from cache for all its passes), whose per-row values broadcast as (rows, 1), and both
-directions of the class-major path (_reference_class_major.py), as (rows,) over a (K, rows) chunk.
+The same helpers serve both directions of the row-major path (reference.py), whose per-row values broadcast as
+(rows, 1), and of the class-major path (_reference_class_major.py), as (rows,) over a (K, rows) chunk.
 """
 
 from __future__ import annotations
@@ -54,14 +53,6 @@ def exp2_(values: Tensor) -> Tensor:
     return values
 
 
-def finite_pivot(row_max: Tensor) -> Tensor:
-    """The row max to shift the logits by, or 0 for a row of only -inf logits: its shifted logits stay -inf
-    (not -inf - -inf = NaN), so its lse comes out -inf, as torch.logsumexp and the kernels give. A +inf or
-    NaN max is kept: it makes the row's lse NaN, as PyTorch's log_softmax does. (One nan_to_num costs a
-    fifth of a comparison and a where.)"""
-    return torch.nan_to_num(row_max, nan=math.nan, posinf=math.inf, neginf=0.0)
-
-
 def exponents(logits: Tensor, offset: Tensor, out: Tensor) -> Tensor:
     """z log2(e) + offset (one value per row, broadcasting over the logits) into `out`, in one pass."""
     return torch.add(offset, logits, alpha=LOG2E, out=out)
@@ -70,8 +61,8 @@ def exponents(logits: Tensor, offset: Tensor, out: Tensor) -> Tensor:
 def scale_exponents(prob_scale: Tensor, lse: Tensor) -> Tensor:
     """For per-row scales s of p_j = exp(z_j - lse): the offsets log2|s| - lse log2(e), with which
     2^(z_j log2(e) + offset) = |s| p_j. A zero scale gives 2^-inf = 0: an ignored row (lse = inf) gets a zero
-    gradient without a pass of its own."""
-    return torch.log2(prob_scale.abs()).sub_(lse, alpha=LOG2E)
+    gradient without a pass of its own. One scale (0-d) serves every row alike."""
+    return torch.sub(torch.log2(prob_scale.abs()), lse, alpha=LOG2E)
 
 
 def scaled_probabilities(logits: Tensor, offsets: Tensor, negative: Tensor | None, out: Tensor) -> Tensor:
@@ -81,3 +72,28 @@ def scaled_probabilities(logits: Tensor, offsets: Tensor, negative: Tensor | Non
     scale is negative."""
     scaled = exp2_(exponents(logits, offsets, out))
     return scaled if negative is None else scaled.mul_(torch.where(negative, -1.0, 1.0))
+
+
+def target_pivot_parts(logits: Tensor, target_logit: Tensor, weight: Tensor | None, weight_total: Tensor | float,
+                       sum_over_classes, out: Tensor, weighted: Tensor | None, parts) -> None:
+    """The forward's per-row parts of class-index rows, from the logits shifted by each row's target logit z_y
+    (`target_logit`, one value per row shaped to broadcast over the logits; it may be parts.lse itself).
+
+    With L = log sum_c exp(z_c - z_y): -log p_y = L, lse = z_y + L and sum_c w_c (-log p_c) = W L - sum_c w_c
+    (z_c - z_y). Writes L into parts.target_nll, z_y + L into parts.lse and, where parts.smoothing is given, the
+    last into it (W: weight_total), through one multiply-add pass into `out` (a buffer's matrix, see exp2_; it may
+    be `logits`), an exp2 and the sums over classes (sum_over_classes: the logits' class dim). `weighted`, a
+    matrix of out's shape, is needed only with class weights and smoothing (`weight` shaped to broadcast).
+
+    The target term is 2^0 = 1, so the sum never underflows, and no max pass is needed. It overflows only where
+    some z_c - z_y > 88 (p_y < e^-88), and is not finite with a +inf or NaN logit or z_y = -inf: the caller
+    recomputes rows whose lse is not finite. W L - sum_c w_c (z_c - z_y) can cancel only as far as z_y lies below
+    the other logits, to an error of about u max|z| per class, which the loss's error bound counts already."""
+    exponent = exponents(logits, target_logit * -LOG2E, out)  # (z - z_y) log2(e)
+    if parts.smoothing is not None:
+        shifted = exponent if weight is None else torch.mul(exponent, weight, out=weighted)
+        parts.smoothing.copy_(sum_over_classes(shifted))  # sum_c w_c (z_c - z_y) log2(e)
+    log_sum = torch.log(sum_over_classes(exp2_(exponent)), out=parts.target_nll)
+    torch.add(target_logit.view(log_sum.shape), log_sum, out=parts.lse)
+    if parts.smoothing is not None:
+        torch.sub(log_sum * weight_total, parts.smoothing, alpha=1.0 / LOG2E, out=parts.smoothing)

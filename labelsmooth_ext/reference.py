@@ -6,8 +6,8 @@ the same thing; see that header for the derivations.
 
 Rows are processed in chunks of at most ``CHUNK_LOGITS`` logits (at least one row), with the class dim moved last
 only inside the chunk, so the N x K temporaries never exceed one chunk whatever the batch size, and large inputs are
-never copied whole. Each chunk goes through a few passes of vectorized ATen ops (the row-major forward through
-PyTorch's fused log_softmax, the other exponentials through exp2: _reference_exp2.py) over buffers that are
+never copied whole. Each chunk goes through a few passes of vectorized ATen ops (the exponentials through exp2, the
+forward's shifted by each row's target logit: _reference_exp2.py) over buffers that are
 allocated once per call and stay in the last-level cache, which keeps it about as fast as eager ``F.cross_entropy``
 or faster (see the README) while holding far less memory. Per-row work runs once per call, on tensors of all the
 rows, not once per chunk. Rows of few classes (CIFAR's 10, VOC segmentation's 21) go class-major instead
@@ -295,42 +295,54 @@ def _class_index_loss(valid: Tensor, w_target: Tensor | None, parts: _ClassIndex
     return torch.where(valid, loss, zero, out=loss), torch.where(valid, parts.lse, zero, out=parts.lse)
 
 
-def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tensor | None, scratch: Tensor,
+def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tensor | None,
+                               weight_total: Tensor | float, scratch: Tensor, buffers: _ChunkBuffers,
                                parts: _ClassIndexRows) -> None:
-    """Writes the chunk's `parts` from its logits as a (rows, K) matrix, through PyTorch's fused log_softmax.
+    """Writes the chunk's `parts` from its logits as a (rows, K) matrix, shifted by each row's target logit
+    (_reference_exp2.target_pivot_parts): one multiply-add pass, an exp2 and the sums, where PyTorch's fused
+    log_softmax would also take a max pass and write the log-probabilities (its exp is no faster than exp2). Rows
+    whose lse comes out non-finite are recomputed after the chunks (_redo_nonfinite_rows); where the data cannot
+    be looked at (a trace or a compile of this function), none can be, and _log_softmax_rows computes every row."""
+    if _cannot_inspect_data():
+        _log_softmax_rows(logits, safe_target, weight, scratch, parts)
+        return
+    target_logit = torch.take(logits, _target_offsets(safe_target, logits.shape[1]), out=parts.lse)
+    weighted = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *logits.shape)
+    _exp2.target_pivot_parts(logits, target_logit.unsqueeze(1), weight, weight_total, _sum_rows, scratch, weighted,
+                             parts)
 
-    Each row's lse is z_y - log p_y, from two values the loss reads anyway, instead of from a max pass over the
-    logits and another over the log-probabilities (_log_softmax_and_lse), which took a tenth of the forward's
-    time. It is NaN where z_y = -inf (-inf - -inf), which _redo_nonfinite_lse mends after the chunks; where the
-    data cannot be looked at (a trace or a compile of this function), the max-based lse is taken instead."""
-    offsets = _target_offsets(safe_target, logits.shape[1])
-    from_target = not _cannot_inspect_data()
-    if from_target:
-        torch.take(logits, offsets, out=parts.lse)  # z_y, before the log_softmax may overwrite the logits
-        log_probs = torch.ops.aten._log_softmax.out(logits, 1, False, out=scratch)
-    else:
-        log_probs, lse = _log_softmax_and_lse(logits, scratch)
-        parts.lse.copy_(lse)
-    torch.take(log_probs, offsets, out=parts.target_nll).neg_()
-    if from_target:
-        parts.lse.add_(parts.target_nll)
+
+def _log_softmax_rows(logits: Tensor, safe_target: Tensor, weight: Tensor | None, scratch: Tensor,
+                      parts: _ClassIndexRows) -> None:
+    """The chunk's `parts` through PyTorch's fused log_softmax, shifted by the row max: finite wherever the
+    row's logits are (and NaN or -inf where PyTorch's are), whatever the target logit."""
+    log_probs, lse = _log_softmax_and_lse(logits, scratch)
+    parts.lse.copy_(lse)
+    torch.take(log_probs, _target_offsets(safe_target, logits.shape[1]), out=parts.target_nll).neg_()
     if parts.smoothing is not None:
         parts.smoothing.copy_(_weighted_row_sums(log_probs, weight)).neg_()
 
 
-def _redo_nonfinite_lse(lse_rows: Tensor, valid: Tensor, class_last: Tensor, softcap: float | None,
-                        dtype: torch.dtype) -> None:
-    """Gives the valid rows whose lse = z_y - log p_y is not finite the max-based lse of _log_softmax_and_lse, in
-    place: finite where only z_y = -inf; NaN, as in PyTorch, for rows with a +inf or NaN logit; -inf for rows of
-    only -inf logits, as torch.logsumexp and the kernels give. Such rows are rare (a target whose logit is
-    masked), so they are taken out of the logits by index."""
-    redo = valid & ~torch.isfinite(lse_rows)
-    if _cannot_inspect_data() or not bool(redo.any()):
+def _redo_nonfinite_rows(parts: _ClassIndexRows, valid: Tensor, safe_target: Tensor, class_last: Tensor,
+                         weight: Tensor | None, softcap: float | None, dtype: torch.dtype) -> None:
+    """Recomputes, through _log_softmax_rows, the parts of the valid rows whose lse from the target pivot is not
+    finite: their values are then PyTorch's (finite where only z_y = -inf or p_y < e^-88; NaN with a +inf or NaN
+    logit; an lse of -inf for a row of only -inf logits, as torch.logsumexp and the kernels give). Such rows are
+    rare (a masked target, or a loss above 88), so one sum over all rows' lse (finite unless one is not) tells
+    whether to look for them, and they are taken out of the logits by index."""
+    if _cannot_inspect_data() or math.isfinite(float(parts.lse.sum())):
+        return
+    redo = valid & ~torch.isfinite(parts.lse)
+    if not bool(redo.any()):
         return
     logits = class_last[redo].to(dtype)
     if softcap is not None:
         logits = _softcapped(logits, softcap, logits)
-    lse_rows[redo] = _log_softmax_and_lse(logits, torch.empty_like(logits))[1]
+    redone = _ClassIndexRows(*(None if rows is None else torch.empty_like(rows[redo]) for rows in parts))
+    _log_softmax_rows(logits, safe_target[redo], weight, torch.empty_like(logits), redone)
+    for rows, values in zip(parts, redone):
+        if rows is not None:
+            rows[redo] = values
 
 
 def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
@@ -338,13 +350,12 @@ def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
 
 
 def _class_index_chunk_forward_class_major(block: Tensor, safe_target: Tensor, weight: Tensor | None,
-                                           softcap: float | None, buffers: _ChunkBuffers,
-                                           parts: _ClassIndexRows) -> None:
+                                           weight_total: Tensor | float, softcap: float | None,
+                                           buffers: _ChunkBuffers, parts: _ClassIndexRows) -> None:
     """Writes the chunk's `parts` from its class-last logits, processed class-major (_reference_class_major.py)."""
-    num_classes = block.shape[-1]
     logits = _class_major_rows(block, softcap, buffers)
-    scratch = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *logits.shape)
-    _class_major.forward_parts(logits, safe_target, weight, _weight_total(weight, num_classes), scratch, parts)
+    weighted = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *logits.shape)
+    _class_major.forward_parts(logits, safe_target, weight, weight_total, weighted, parts)
 
 
 def _smoothed_weighted_target(target: Tensor, weight: Tensor | None, eps: float, out: Tensor) -> Tensor:
@@ -414,6 +425,9 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
     def rows_of_zeros(shape=row_shape) -> Tensor:
         return torch.zeros(shape, dtype=acc, device=input.device)
 
+    def rows_to_fill() -> Tensor:
+        return torch.empty(row_shape, dtype=acc, device=input.device)
+
     chunks = _row_chunks(row_shape, num_classes, input.dtype, acc)
     buffers = _call_buffers(chunks, row_shape, num_classes, acc, input.device)
     if probability:
@@ -426,18 +440,19 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
                 rows[index].view(-1).copy_(values)
     else:
         valid, safe_target = classes
-        parts = _ClassIndexRows(rows_of_zeros(), rows_of_zeros(), rows_of_zeros() if eps > 0 else None)
+        # Every row's parts are written by its chunk, or masked as ignored (no chunks: K = 0, every row ignored).
+        parts = _ClassIndexRows(rows_to_fill(), rows_to_fill(), rows_to_fill() if eps > 0 else None)
+        weight_total = _weight_total(acc_weight, num_classes)
         for index in chunks:
             chunk_target = safe_target[index].reshape(-1)
-            if num_classes <= CLASS_MAJOR_MAX_CLASSES:
-                _class_index_chunk_forward_class_major(class_last[index], chunk_target, acc_weight, softcap, buffers,
-                                                       parts.of_chunk(index))
+            if num_classes <= CLASS_MAJOR_MAX_CLASSES and not _cannot_inspect_data():
+                _class_index_chunk_forward_class_major(class_last[index], chunk_target, acc_weight, weight_total,
+                                                       softcap, buffers, parts.of_chunk(index))
             else:
                 logits, owned = _capped_rows(class_last[index], num_classes, softcap, buffers)
-                _class_index_chunk_forward(logits, chunk_target, acc_weight, buffers.scratch_for(logits, owned),
-                                           parts.of_chunk(index))
-        if num_classes > CLASS_MAJOR_MAX_CLASSES:
-            _redo_nonfinite_lse(parts.lse, valid, class_last, softcap, acc)
+                _class_index_chunk_forward(logits, chunk_target, acc_weight, weight_total,
+                                           buffers.scratch_for(logits, owned), buffers, parts.of_chunk(index))
+        _redo_nonfinite_rows(parts, valid, safe_target, class_last, acc_weight, softcap, acc)
         loss_rows, lse_rows = _class_index_loss(valid, _target_weights_or_none(safe_target, acc_weight, acc), parts,
                                                 eps, num_classes)
         mass_rows = rows_of_zeros((0,))
@@ -473,23 +488,40 @@ def _chunk_rows(rows: Tensor | None, index: tuple) -> Tensor | None:
 
 def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor, safe_target: Tensor,
                              upstream: Tensor, weight: Tensor | None, eps: float, num_classes: int) -> _GradScales:
+    """The _GradScales of all rows, from the upstream gradient of each row (in the row shape), or one for all rows
+    (0-d: 'sum' and 'mean')."""
     w_target = _target_weights_or_none(safe_target, weight, upstream.dtype)
-    smooth = eps / num_classes
+    target_factor, smooth = 1.0 - eps, eps / num_classes
+    smooth_mass = smooth * _weight_total(weight, num_classes)
     # Ignored rows get all-zero scales (their upstream may be inf: a mean over zero rows) and p = exp(z - inf)
     # = 0, so their gradient is zero without a pass of its own.
-    upstream = torch.where(valid, upstream, 0.0)
     lse = torch.where(valid, lse, math.inf)
-    smooth_mass = smooth * _weight_total(weight, num_classes)
+    # The usual case, one finite upstream value and neither class weights nor an lse gradient, gives every valid
+    # row the same scale of p: its exponent offsets take one pass over the rows instead of a log2 and a sign check
+    # (at 10 classes, those cost as much as a pass over the logits).
+    uniform = w_target is None and grad_lse is None and _is_one_finite_value(upstream)
+    upstream_rows = valid.to(upstream.dtype).mul_(upstream) if uniform else torch.where(valid, upstream, 0.0)
     if w_target is None:
-        target_shift, prob_scale = upstream * -(1.0 - eps), upstream * ((1.0 - eps) + smooth_mass)
+        target_shift = upstream_rows * -target_factor
+        prob_scale = (upstream if uniform else upstream_rows) * (target_factor + smooth_mass)
     else:
-        target_weight = (1.0 - eps) * w_target
-        target_shift, prob_scale = (upstream * target_weight).neg_(), upstream * (target_weight + smooth_mass)
+        target_weight = target_factor * w_target
+        target_shift = (upstream_rows * target_weight).neg_()
+        prob_scale = upstream_rows * (target_weight + smooth_mass)
     # A gradient reaching lse (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
     if grad_lse is not None:
         prob_scale = prob_scale + torch.where(valid, grad_lse, 0.0)
-    return _GradScales(*_prob_exponents(prob_scale, lse), None if eps == 0 else upstream * smooth, target_shift,
+    if uniform:
+        prob_exponent, negative = _exp2.scale_exponents(prob_scale, lse), valid if float(prob_scale) < 0 else None
+    else:
+        prob_exponent, negative = _prob_exponents(prob_scale, lse)
+    return _GradScales(prob_exponent, negative, None if eps == 0 else upstream_rows * smooth, target_shift,
                        safe_target)
+
+
+def _is_one_finite_value(upstream: Tensor) -> bool:
+    """Whether `upstream` is one value (0-d) that is finite, where the data can be looked at."""
+    return upstream.dim() == 0 and not _cannot_inspect_data() and math.isfinite(float(upstream))
 
 
 def _prob_exponents(prob_scale: Tensor, lse: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -575,11 +607,10 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
     target_source = target.movedim(class_dim, -1) if probability else target.to(torch.int64)
     classes = None if probability else _valid_and_safe_targets(target_source, ignore_index)
     # The upstream gradient of every row: grad_loss itself for 'none', one value for 'sum' and 'mean'.
-    upstream_rows = grad_loss.to(acc)
+    upstream = grad_loss.to(acc)
     if reduction == _REDUCTION_MEAN:
-        denominator = _mean_denominator(probability, target_source, classes, acc_weight, acc)
-        upstream_rows = upstream_rows / denominator
-    upstream_rows = upstream_rows.expand(row_shape)
+        upstream = upstream / _mean_denominator(probability, target_source, classes, acc_weight, acc)
+    upstream_rows = upstream.expand(row_shape)
     acc_lse = lse.to(acc)
     acc_grad_lse = None if grad_lse is None else grad_lse.to(acc).expand(row_shape)
 
@@ -593,7 +624,7 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
         prob_scale = prob_scale if acc_grad_lse is None else prob_scale + acc_grad_lse
         prob_exponent, negative = _prob_exponents(prob_scale, acc_lse)
     else:
-        all_scales = _class_index_grad_scales(acc_lse, acc_grad_lse, *classes, upstream_rows, acc_weight, eps,
+        all_scales = _class_index_grad_scales(acc_lse, acc_grad_lse, *classes, upstream, acc_weight, eps,
                                               num_classes)
     for index in chunks:
         chunk_out = grad_class_last[index]

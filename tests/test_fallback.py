@@ -26,6 +26,7 @@ from conftest import (
     lse_tolerance,
     op_backward,
     op_forward,
+    randn,
     reference_loss_and_grads,
     skip_unless_compiled,
 )
@@ -93,6 +94,33 @@ def test_reference_nonfinite_logits(dtype, softcap, target_kind, num_classes, ge
     grad_tol = grad_tolerance(x, target, None, -100, "none", 0.1, grad_output, ref_grad)
     assert_within(loss, ref_loss, loss_tol.nan_to_num(nan=0.0, posinf=0.0), "loss")
     assert_within(grad, ref_grad, grad_tol.nan_to_num(nan=0.0, posinf=0.0), "grad_input")
+
+
+@pytest.mark.parametrize("num_classes", [6, 40, 20000], ids=["few_classes", "row_major", "long_rows"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_target_logit_far_below_the_others(dtype, weighted, num_classes, gen):
+    """Rows whose target logit lies 100 to 300 below others (p_y < e^-88, a loss above 88): the forward sums
+    exp(z_c - z_y), which overflows there, so these rows are recomputed from the row max, on each path of the
+    fallback. Every row, these and ordinary ones, is within the tolerance of float64 PyTorch."""
+    rows = 9
+    x = randn((rows, num_classes), gen, torch.float64, scale=2.0)
+    target = torch.randint(0, num_classes, (rows,), generator=gen)
+    target[4] = -100
+    far_rows = torch.tensor([0, 2, 5, 7])
+    x[far_rows, target[far_rows]] = -torch.tensor([100.0, 150.0, 300.0, 120.0], dtype=torch.float64)
+    x = x.to(dtype)
+    assert bool(((x.double().amax(dim=1) - x.double()[torch.arange(rows), target.clamp(min=0)])[far_rows] > 88.8).all())
+    weight = torch.rand(num_classes, generator=gen, dtype=torch.float64).add_(0.5).to(dtype) if weighted else None
+    grad_output = grad_output_like((rows,), gen)
+    loss, lse, mass = reference.ls_cross_entropy_forward(x, target, weight, -100, 0.1, 0, None, 0)
+    grad = reference.ls_cross_entropy_backward(grad_output, None, x, target, weight, lse, mass, -100, 0.1, 0, None, 0)
+    ref_loss, ref_grad, _ = reference_loss_and_grads(x, target, weight, -100, "none", 0.1, grad_output)
+    assert_within(loss, ref_loss, loss_tolerance(x, target, weight, -100, "none", 0.1), "loss")
+    valid = target != -100
+    assert_within(lse[valid], torch.logsumexp(x.double(), dim=1)[valid], lse_tolerance(x)[valid], "lse")
+    grad_tol = grad_tolerance(x, target, weight, -100, "none", 0.1, grad_output, ref_grad)
+    assert_within(grad, ref_grad, grad_tol, "grad_input")
 
 
 @pytest.mark.parametrize("num_classes", [6, 40], ids=["few_classes", "row_major"])
