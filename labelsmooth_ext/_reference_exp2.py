@@ -2,7 +2,7 @@
 
 exp(x) = 2^(x log2(e)). On CPU, ATen's exp2 takes about 60% of the time of its exp (both vectorized and
 within an ulp), and the multiplication by log2(e) needs no pass of its own: it fuses with the shift of the
-logits by one value per row (their max, or lse minus the log of the gradient's scale), which the fallback
+logits by one value per row (the target logit, or lse minus the log of the gradient's scale), which the fallback
 makes anyway, into one multiply-add, z log2(e) + offset. The exponent is formed from z rather than from a
 difference, so it carries a rounding error of about u |z| (u: the accumulation dtype's unit roundoff):
 the lse's error bound counts u max|z| already (tests/conftest.py), as subtracting a pivot rounds that much.
