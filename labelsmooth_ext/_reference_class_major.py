@@ -24,19 +24,22 @@ from torch import Tensor
 from . import _reference_exp2 as _exp2
 
 
-def forward_parts(logits: Tensor, safe_target: Tensor, weight: Tensor | None, weight_total: Tensor | float,
-                  weighted: Tensor | None, parts) -> None:
+def forward_parts(logits: Tensor, out: Tensor, safe_target: Tensor, weight: Tensor | None,
+                  weight_total: Tensor | float, weighted: Tensor | None, parts) -> None:
     """Writes each row's lse, -log p_y and, where parts.smoothing is given, sum_c w_c (-log p_c) into
-    `parts` (the chunk's flat views of the call's per-row results), from a (K, rows) chunk, which is
-    overwritten, through _reference_exp2.target_pivot_parts. `weighted`, a matrix of the chunk's shape, is needed
-    only with weights and smoothing."""
+    `parts` (the chunk's flat views of the call's per-row results), through _reference_exp2.target_pivot_parts,
+    from the chunk's logits as a (K, *rows) tensor of any strides (the class-last chunk with its class dim moved
+    first: its first pass then transposes it on the way), or as the (K, rows) matrix `out` itself. `out`, a
+    buffer's (K, rows) matrix, is overwritten; `weighted`, one of its shape, is needed only with weights and
+    smoothing."""
     # z_y of each row, taken at flat offsets y * rows + r: offsets and take cost about 60% of the time of a
     # gather along dim 0.
-    rows = logits.shape[1]
-    offsets = torch.add(torch.arange(rows, device=logits.device), safe_target, alpha=rows)
+    rows = out.shape[1]
+    offsets = torch.add(torch.arange(rows, device=out.device), safe_target, alpha=rows)
     target_logit = torch.take(logits, offsets, out=parts.lse)
-    _exp2.target_pivot_parts(logits, target_logit, None if weight is None else weight.unsqueeze(1), weight_total,
-                             lambda values: values.sum(dim=0), logits, weighted, parts)
+    exponent = _exp2.exponents(logits, (target_logit * -_exp2.LOG2E).view(logits.shape[1:]), out.view(logits.shape))
+    _exp2.target_pivot_parts(exponent.view(out.shape), target_logit, None if weight is None else weight.unsqueeze(1),
+                             weight_total, lambda values: values.sum(dim=0), weighted, parts)
 
 
 def scaled_probabilities(block: Tensor, logits: Tensor | None, prob_exponent: Tensor, negative: Tensor | None,

@@ -74,22 +74,22 @@ def scaled_probabilities(logits: Tensor, offsets: Tensor, negative: Tensor | Non
     return scaled if negative is None else scaled.mul_(torch.where(negative, -1.0, 1.0))
 
 
-def target_pivot_parts(logits: Tensor, target_logit: Tensor, weight: Tensor | None, weight_total: Tensor | float,
-                       sum_over_classes, out: Tensor, weighted: Tensor | None, parts) -> None:
-    """The forward's per-row parts of class-index rows, from the logits shifted by each row's target logit z_y
-    (`target_logit`, one value per row shaped to broadcast over the logits; it may be parts.lse itself).
+def target_pivot_parts(exponent: Tensor, target_logit: Tensor, weight: Tensor | None,
+                       weight_total: Tensor | float, sum_over_classes, weighted: Tensor | None, parts) -> None:
+    """The forward's per-row parts of class-index rows, from `exponent` = (z - z_y) log2(e): the logits shifted by
+    each row's target logit z_y (`target_logit`, per row; it may be parts.lse itself), through exponents() into a
+    buffer's matrix (see exp2_), which is overwritten.
 
     With L = log sum_c exp(z_c - z_y): -log p_y = L, lse = z_y + L and sum_c w_c (-log p_c) = W L - sum_c w_c
     (z_c - z_y). Writes L into parts.target_nll, z_y + L into parts.lse and, where parts.smoothing is given, the
-    last into it (W: weight_total), through one multiply-add pass into `out` (a buffer's matrix, see exp2_; it may
-    be `logits`), an exp2 and the sums over classes (sum_over_classes: the logits' class dim). `weighted`, a
-    matrix of out's shape, is needed only with class weights and smoothing (`weight` shaped to broadcast).
+    last into it (W: weight_total), through an exp2 and the sums over classes (sum_over_classes: over exponent's
+    class dim). `weighted`, a matrix of exponent's shape, is needed only with class weights (`weight`, shaped to
+    broadcast) and smoothing.
 
     The target term is 2^0 = 1, so the sum never underflows, and no max pass is needed. It overflows only where
     some z_c - z_y > 88 (p_y < e^-88), and is not finite with a +inf or NaN logit or z_y = -inf: the caller
     recomputes rows whose lse is not finite. W L - sum_c w_c (z_c - z_y) can cancel only as far as z_y lies below
     the other logits, to an error of about u max|z| per class, which the loss's error bound counts already."""
-    exponent = exponents(logits, target_logit * -LOG2E, out)  # (z - z_y) log2(e)
     if parts.smoothing is not None:
         shifted = exponent if weight is None else torch.mul(exponent, weight, out=weighted)
         parts.smoothing.copy_(sum_over_classes(shifted))  # sum_c w_c (z_c - z_y) log2(e)

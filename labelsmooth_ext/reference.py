@@ -307,9 +307,9 @@ def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tens
         _log_softmax_rows(logits, safe_target, weight, scratch, parts)
         return
     target_logit = torch.take(logits, _target_offsets(safe_target, logits.shape[1]), out=parts.lse)
+    exponent = _exp2.exponents(logits, (target_logit * -_exp2.LOG2E).unsqueeze(1), scratch)
     weighted = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *logits.shape)
-    _exp2.target_pivot_parts(logits, target_logit.unsqueeze(1), weight, weight_total, _sum_rows, scratch, weighted,
-                             parts)
+    _exp2.target_pivot_parts(exponent, target_logit, weight, weight_total, _sum_rows, weighted, parts)
 
 
 def _log_softmax_rows(logits: Tensor, safe_target: Tensor, weight: Tensor | None, scratch: Tensor,
@@ -352,10 +352,15 @@ def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
 def _class_index_chunk_forward_class_major(block: Tensor, safe_target: Tensor, weight: Tensor | None,
                                            weight_total: Tensor | float, softcap: float | None,
                                            buffers: _ChunkBuffers, parts: _ClassIndexRows) -> None:
-    """Writes the chunk's `parts` from its class-last logits, processed class-major (_reference_class_major.py)."""
-    logits = _class_major_rows(block, softcap, buffers)
-    weighted = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *logits.shape)
-    _class_major.forward_parts(logits, safe_target, weight, weight_total, weighted, parts)
+    """Writes the chunk's `parts` from its class-last logits, processed class-major (_reference_class_major.py):
+    read straight from the block, transposing, where it needs neither converting nor capping first."""
+    num_classes, rows = block.shape[-1], block.numel() // block.shape[-1]
+    if softcap is None and block.dtype == buffers.dtype:
+        logits, out = block.movedim(-1, 0), buffers.matrix("logits", num_classes, rows)
+    else:
+        logits = out = _class_major_rows(block, softcap, buffers)
+    weighted = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *out.shape)
+    _class_major.forward_parts(logits, out, safe_target, weight, weight_total, weighted, parts)
 
 
 def _smoothed_weighted_target(target: Tensor, weight: Tensor | None, eps: float, out: Tensor) -> Tensor:
