@@ -36,9 +36,10 @@ def forward_parts(logits: Tensor, out: Tensor, safe_target: Tensor, weight: Tens
     # offsets' arange and int64 add over the rows cost more than the take itself).
     row_shape = (1, *logits.shape[1:])
     target_logit = torch.gather(logits, 0, safe_target.view(row_shape), out=parts.lse.view(row_shape))
-    exponent = _exp2.exponents(logits, target_logit * -_exp2.LOG2E, out.view(logits.shape))
+    offset = torch.mul(target_logit, -_exp2.LOG2E, out=parts.target_nll.view(row_shape))  # free until the sums
+    exponent = _exp2.exponents(logits, offset, out.view(logits.shape))
     _exp2.target_pivot_parts(exponent.view(out.shape), target_logit, None if weight is None else weight.unsqueeze(1),
-                             weight_total, lambda values: values.sum(dim=0), weighted, parts)
+                             weight_total, lambda values, sums: torch.sum(values, 0, out=sums), weighted, parts)
 
 
 def scaled_probabilities(block: Tensor, logits: Tensor | None, prob_exponent: Tensor, negative: Tensor | None,

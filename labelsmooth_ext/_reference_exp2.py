@@ -82,18 +82,20 @@ def target_pivot_parts(exponent: Tensor, target_logit: Tensor, weight: Tensor | 
 
     With L = log sum_c exp(z_c - z_y): -log p_y = L, lse = z_y + L and sum_c w_c (-log p_c) = W L - sum_c w_c
     (z_c - z_y). Writes L into parts.target_nll, z_y + L into parts.lse and, where parts.smoothing is given, the
-    last into it (W: weight_total), through an exp2 and the sums over classes (sum_over_classes: over exponent's
-    class dim). `weighted`, a matrix of exponent's shape, is needed only with class weights (`weight`, shaped to
+    last into it (W: weight_total), through an exp2 and the sums over classes (sum_over_classes(values, out): over
+    exponent's class dim, into out). `weighted`, a matrix of exponent's shape, is needed only with class weights (`weight`, shaped to
     broadcast) and smoothing.
 
     The target term is 2^0 = 1, so the sum never underflows, and no max pass is needed. It overflows only where
     some z_c - z_y > 88 (p_y < e^-88), and is not finite with a +inf or NaN logit or z_y = -inf: the caller
     recomputes rows whose lse is not finite. W L - sum_c w_c (z_c - z_y) can cancel only as far as z_y lies below
     the other logits, to an error of about u max|z| per class, which the loss's error bound counts already."""
+    # Every per-row result goes straight into parts (at 10 classes, a fresh per-row tensor weighs as much as a tenth
+    # of the logits).
     if parts.smoothing is not None:
         shifted = exponent if weight is None else torch.mul(exponent, weight, out=weighted)
-        parts.smoothing.copy_(sum_over_classes(shifted))  # sum_c w_c (z_c - z_y) log2(e)
-    log_sum = torch.log(sum_over_classes(exp2_(exponent)), out=parts.target_nll)
+        sum_over_classes(shifted, parts.smoothing)  # sum_c w_c (z_c - z_y) log2(e)
+    log_sum = sum_over_classes(exp2_(exponent), parts.target_nll).log_()
     torch.add(target_logit.view(log_sum.shape), log_sum, out=parts.lse)
     if parts.smoothing is not None:
-        torch.sub(log_sum * weight_total, parts.smoothing, alpha=1.0 / LOG2E, out=parts.smoothing)
+        parts.smoothing.mul_(-1.0 / LOG2E).addcmul_(log_sum, torch.as_tensor(weight_total, dtype=log_sum.dtype))

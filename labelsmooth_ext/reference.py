@@ -10,8 +10,8 @@ never copied whole. Each chunk goes through a few passes of vectorized ATen ops 
 forward's shifted by each row's target logit: _reference_exp2.py) over buffers that are
 allocated once per call and stay in the last-level cache, which keeps it about as fast as eager ``F.cross_entropy``
 or faster (see the README) while holding far less memory. Per-row work runs once per call, on tensors of all the
-rows, not once per chunk. Rows of few classes (CIFAR's 10, VOC segmentation's 21) go class-major instead
-(_reference_class_major.py): there every pass is vectorized across rows rather than along rows too short to
+rows, not once per chunk. Rows of few classes (CIFAR's 10 in the forward, up to 8 in the backward) go class-major
+instead (_reference_class_major.py): there every pass is vectorized across rows rather than along rows too short to
 vectorize. Only tensor ops are used, so this also traces under torch.compile and runs on any device.
 """
 
@@ -40,9 +40,16 @@ CHUNK_LOGITS = 1 << 20
 # half for fp32), while the chunks stay large enough, and few enough, to amortise the per-op cost.
 _MIN_CHUNK_LOGITS = 1 << 16
 
-# Rows of at most this many classes are processed class-major (see the module docstring): below it, the
-# per-row reductions of the row-major path cost more than transposing the chunk into the buffer.
-CLASS_MAJOR_MAX_CLASSES = 32
+# Rows of at most this many classes take the class-major forward (see the module docstring): below it, the
+# row-major forward's two sums along rows too short to vectorize cost more than transposing the chunk. Both
+# forwards alternated on 655360 logits (fp32 and bf16, caches warm and flushed), the class-major one took
+# 0.86-1.01x the time of the row-major one at 10 to 14 classes, and 1.07-1.68x at 16 to 32.
+CLASS_MAJOR_FORWARD_MAX_CLASSES = 15
+# ...and of at most this many the class-major backward. The row-major backward sums nothing along the rows (its
+# per-row values broadcast over them), so it is the faster one from fewer classes on: alike, it took 0.86-0.96x
+# the time of the class-major one at 10 classes and 0.50-0.76x at 21 and 32, against 0.94-1.07x at 8 and
+# 1.02-1.22x at 5 and 6.
+CLASS_MAJOR_BACKWARD_MAX_CLASSES = 8
 
 # ATen sums a single long reduction (one output, over 32768 elements) in per-thread pieces grouped by
 # the thread count, but several outputs each serially. Such sums are therefore taken over blocks of
@@ -152,16 +159,17 @@ def _chunk_logits(index: tuple, row_shape: tuple[int, ...], num_classes: int) ->
     return rows * math.prod(row_shape[len(index):]) * num_classes
 
 
-def _sum_rows(values: Tensor) -> Tensor:
-    """Sums of a (rows, length) matrix along its rows, with bits independent of the thread count."""
+def _sum_rows(values: Tensor, out: Tensor | None = None) -> Tensor:
+    """Sums of a (rows, length) matrix along its rows (into `out` where given), with bits independent of the
+    thread count."""
     rows, length = values.shape
     if rows > 1 or length <= _SUM_BLOCK:
-        return values.sum(dim=1)
+        return values.sum(dim=1) if out is None else torch.sum(values, dim=1, out=out)
     whole = length - length % _SUM_BLOCK
     partial = values[0, :whole].reshape(-1, _SUM_BLOCK).sum(dim=1)
     if whole < length:
         partial = torch.cat([partial, values[0, whole:].sum().unsqueeze(0)])
-    return _sum_rows(partial.unsqueeze(0))
+    return _sum_rows(partial.unsqueeze(0), out)
 
 
 def _sum_all(values: Tensor) -> Tensor:
@@ -307,7 +315,8 @@ def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tens
         _log_softmax_rows(logits, safe_target, weight, scratch, parts)
         return
     target_logit = torch.take(logits, _target_offsets(safe_target, logits.shape[1]), out=parts.lse)
-    exponent = _exp2.exponents(logits, (target_logit * -_exp2.LOG2E).unsqueeze(1), scratch)
+    offset = torch.mul(target_logit, -_exp2.LOG2E, out=parts.target_nll)  # free until the sums fill it
+    exponent = _exp2.exponents(logits, offset.unsqueeze(1), scratch)
     weighted = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *logits.shape)
     _exp2.target_pivot_parts(exponent, target_logit, weight, weight_total, _sum_rows, weighted, parts)
 
@@ -450,7 +459,7 @@ def ls_cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | Non
         weight_total = _weight_total(acc_weight, num_classes)
         for index in chunks:
             chunk_target = safe_target[index].reshape(-1)
-            if num_classes <= CLASS_MAJOR_MAX_CLASSES and not _cannot_inspect_data():
+            if num_classes <= CLASS_MAJOR_FORWARD_MAX_CLASSES and not _cannot_inspect_data():
                 _class_index_chunk_forward_class_major(class_last[index], chunk_target, acc_weight, weight_total,
                                                        softcap, buffers, parts.of_chunk(index))
             else:
@@ -623,7 +632,7 @@ def ls_cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, input:
     grad_class_last = grad_input.movedim(class_dim, -1)
     chunks = _row_chunks(row_shape, num_classes, input.dtype, acc)
     buffers = _call_buffers(chunks, row_shape, num_classes, acc, input.device)
-    class_major = not probability and num_classes <= CLASS_MAJOR_MAX_CLASSES
+    class_major = not probability and num_classes <= CLASS_MAJOR_BACKWARD_MAX_CLASSES
     if probability:  # dL/dz_j = (g * mass + grad_lse) * p_j - g * w_j t'_j
         prob_scale = upstream_rows * target_mass
         prob_scale = prob_scale if acc_grad_lse is None else prob_scale + acc_grad_lse

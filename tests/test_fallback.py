@@ -70,14 +70,15 @@ def _expected_lse(capped: torch.Tensor) -> torch.Tensor:
     return torch.where(poisoned, math.nan, torch.logsumexp(capped, dim=1))
 
 
-@pytest.mark.parametrize("num_classes", [6, 40, 20000], ids=["few_classes", "row_major", "long_rows"])
+@pytest.mark.parametrize("num_classes", [6, 12, 40, 20000],
+                         ids=["few_classes", "class_major_forward", "row_major", "long_rows"])
 @pytest.mark.parametrize("target_kind", ["index", "probability"])
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_nonfinite_logits(dtype, softcap, target_kind, num_classes, gen):
-    """NaN and infinite logits through the fallback on each of its paths (class-major for few classes with
-    class-index targets), against float64 PyTorch: loss and gradient as in test_errors, and the lse of every
-    row, finite or not."""
+    """NaN and infinite logits through the fallback on each of its paths (with class-index targets, class-major
+    for few classes in both directions, and for a few more in the forward only), against float64 PyTorch: loss and
+    gradient as in test_errors, and the lse of every row, finite or not."""
     x, target = _poisoned_logits(gen, dtype, num_classes)
     if target_kind == "probability":
         target = torch.rand(x.shape, generator=gen).to(dtype)
@@ -96,7 +97,8 @@ def test_reference_nonfinite_logits(dtype, softcap, target_kind, num_classes, ge
     assert_within(grad, ref_grad, grad_tol.nan_to_num(nan=0.0, posinf=0.0), "grad_input")
 
 
-@pytest.mark.parametrize("num_classes", [6, 40, 20000], ids=["few_classes", "row_major", "long_rows"])
+@pytest.mark.parametrize("num_classes", [6, 12, 40, 20000],
+                         ids=["few_classes", "class_major_forward", "row_major", "long_rows"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_target_logit_far_below_the_others(dtype, weighted, num_classes, gen):
