@@ -46,8 +46,9 @@ def padded_length(n: int) -> int:
 
 
 def exp2_(values: Tensor) -> Tensor:
-    """2^values in place, for a contiguous matrix at the start of a buffer of at least padded_length(numel)
-    elements (past its end, the buffer's spare room is overwritten)."""
+    """2^values in place, for a contiguous matrix followed in its storage by at least padded_length(numel) - numel
+    elements that may be overwritten: a buffer's spare room, or the next chunk of a tensor whose chunks take exp2_
+    in order (reference._ChunkBuffers.spare_room)."""
     length = padded_length(values.numel()) if values.device.type == "cpu" else values.numel()
     torch.as_strided(values, (length,), (1,)).exp2_()
     return values
