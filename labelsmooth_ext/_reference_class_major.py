@@ -4,9 +4,9 @@ With K classes per row and K small (10 for CIFAR, 21 for VOC segmentation), ever
 is a loop of K elements that no SIMD unit fills, and those loops are most of what the row-major path
 costs there. reference.py hands such a chunk over as a (K, rows) matrix instead, and every pass then runs
 across rows, vectorized: the sums are reductions over dim 0, the rest elementwise ops that broadcast one value
-per row. The forward copies the chunk transposed into the call's buffer; the backward fuses the transposition
-into its first elementwise op (reading) and its last (writing the gradient), except where the logits need
-converting or capping first.
+per row. Both directions fuse the transposition into their first elementwise op (reading the chunk into the
+call's buffer), and the backward also into its last (writing the gradient), except where the logits need
+converting or capping first: they are then copied transposed into the buffer.
 
 At K classes a chunk holds K times fewer rows than logits, so the per-row work is a large share of the
 total: the forward writes each row's parts straight into the call's per-row tensors, the backward gets its

@@ -13,15 +13,13 @@ vector one's, so which elements take the scalar path would depend on where the t
 thread gets ceil(n / threads) elements (of a contiguous tensor, once it holds more than ATen's grain of 32768),
 so exp2_ runs over padded_length(n) >= n elements, a length that splits into whole blocks of two of the
 widest vectors: no element takes the scalar path. The padding lies in the spare room of the call's buffers,
-which are allocated with it (reference._ChunkBuffers).
+and of the gradient, which are allocated with it (reference._ChunkBuffers).
 
 The same helpers serve both directions of the row-major path (reference.py), whose per-row values broadcast as
 (rows, 1), and of the class-major path (_reference_class_major.py), as (rows,) over a (K, rows) chunk.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -84,8 +82,8 @@ def target_pivot_parts(exponent: Tensor, target_logit: Tensor, weight: Tensor | 
     With L = log sum_c exp(z_c - z_y): -log p_y = L, lse = z_y + L and sum_c w_c (-log p_c) = W L - sum_c w_c
     (z_c - z_y). Writes L into parts.target_nll, z_y + L into parts.lse and, where parts.smoothing is given, the
     last into it (W: weight_total), through an exp2 and the sums over classes (sum_over_classes(values, out): over
-    exponent's class dim, into out). `weighted`, a matrix of exponent's shape, is needed only with class weights (`weight`, shaped to
-    broadcast) and smoothing.
+    exponent's class dim, into out). `weighted`, a matrix of exponent's shape, is needed only with class weights
+    (`weight`, shaped to broadcast) and smoothing.
 
     The target term is 2^0 = 1, so the sum never underflows, and no max pass is needed. It overflows only where
     some z_c - z_y > 88 (p_y < e^-88), and is not finite with a +inf or NaN logit or z_y = -inf: the caller
