@@ -240,7 +240,10 @@ def _checked_class_targets(target: Tensor, num_classes: int, ignore_index: int) 
 def _take_targets(matrix: Tensor, safe_target: Tensor, out: Tensor) -> Tensor:
     """Each row's entry at its target, of a (rows, K) matrix, into `out` (flat, one per row): a gather along dim 1,
     which takes half the time of forming flat offsets and a take at 10 classes, and 0.55-0.75x at 1000."""
-    return torch.gather(matrix, 1, safe_target.unsqueeze(1), out=out.unsqueeze(1)).squeeze(1)
+    index = safe_target.unsqueeze(1)
+    if _cannot_inspect_data():  # gather's out= variant fails to trace with symbolic (dynamic) shapes
+        return out.copy_(torch.gather(matrix, 1, index).squeeze(1))
+    return torch.gather(matrix, 1, index, out=out.unsqueeze(1)).squeeze(1)
 
 
 def _target_weights(safe_target: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor:
