@@ -324,8 +324,8 @@ def _class_index_chunk_forward(logits: Tensor, safe_target: Tensor, weight: Tens
     target_logit = _take_targets(logits, safe_target, parts.lse)
     offset = torch.mul(target_logit, -_exp2.LOG2E, out=parts.target_nll)  # free until the sums fill it
     exponent = _exp2.exponents(logits, offset.unsqueeze(1), scratch)
-    weighted = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *logits.shape)
-    _exp2.target_pivot_parts(exponent, target_logit, weight, weight_total, _sum_rows, weighted, parts)
+    _exp2.target_pivot_parts(exponent, target_logit, weight, weight_total, _sum_rows,
+                             _weighted_scratch(weight, parts, buffers, exponent.shape), parts)
 
 
 def _log_softmax_rows(logits: Tensor, safe_target: Tensor, weight: Tensor | None, scratch: Tensor,
@@ -361,6 +361,13 @@ def _redo_nonfinite_rows(parts: _ClassIndexRows, valid: Tensor, safe_target: Ten
             rows[redo] = values
 
 
+def _weighted_scratch(weight: Tensor | None, parts: _ClassIndexRows, buffers: _ChunkBuffers,
+                      shape: torch.Size) -> Tensor | None:
+    """The buffer matrix that _reference_exp2.target_pivot_parts weights the exponents in: only with class
+    weights and smoothing."""
+    return None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *shape)
+
+
 def _weight_total(weight: Tensor | None, num_classes: int) -> Tensor | float:
     return float(num_classes) if weight is None else _sum_all(weight)
 
@@ -375,8 +382,8 @@ def _class_index_chunk_forward_class_major(block: Tensor, safe_target: Tensor, w
         logits, out = block.movedim(-1, 0), buffers.matrix("logits", num_classes, rows)
     else:
         logits = out = _class_major_rows(block, softcap, buffers)
-    weighted = None if weight is None or parts.smoothing is None else buffers.matrix("weighted", *out.shape)
-    _class_major.forward_parts(logits, out, safe_target, weight, weight_total, weighted, parts)
+    _class_major.forward_parts(logits, out, safe_target, weight, weight_total,
+                               _weighted_scratch(weight, parts, buffers, out.shape), parts)
 
 
 def _smoothed_weighted_target(target: Tensor, weight: Tensor | None, eps: float, out: Tensor) -> Tensor:
@@ -520,11 +527,13 @@ def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor
     # The usual case, one finite upstream value and neither class weights nor an lse gradient, gives every valid
     # row the same scale of p: its exponent offsets take one pass over the rows instead of a log2 and a sign check
     # (at 10 classes, those cost as much as a pass over the logits).
-    uniform = w_target is None and grad_lse is None and _is_one_finite_value(upstream)
+    upstream_value = _one_finite_value(upstream) if w_target is None and grad_lse is None else None
+    uniform = upstream_value is not None
     upstream_rows = valid.to(upstream.dtype).mul_(upstream) if uniform else torch.where(valid, upstream, 0.0)
+    prob_factor = target_factor + smooth_mass  # of the upstream gradient, without class weights
     if w_target is None:
         target_shift = upstream_rows * -target_factor
-        prob_scale = (upstream if uniform else upstream_rows) * (target_factor + smooth_mass)
+        prob_scale = (upstream if uniform else upstream_rows) * prob_factor
     else:
         target_weight = target_factor * w_target
         target_shift = (upstream_rows * target_weight).neg_()
@@ -532,17 +541,21 @@ def _class_index_grad_scales(lse: Tensor, grad_lse: Tensor | None, valid: Tensor
     # A gradient reaching lse (z-loss, a returned lse) adds grad_lse * p_j, since d lse / d z_j = p_j.
     if grad_lse is not None:
         prob_scale = prob_scale + torch.where(valid, grad_lse, 0.0)
-    if uniform:
-        prob_exponent, negative = _exp2.scale_exponents(prob_scale, lse), valid if float(prob_scale) < 0 else None
+    if uniform:  # the sign is the host value's: no second read of the data
+        prob_exponent = _exp2.scale_exponents(prob_scale, lse)
+        negative = valid if upstream_value * prob_factor < 0 else None
     else:
         prob_exponent, negative = _prob_exponents(prob_scale, lse)
     return _GradScales(prob_exponent, negative, None if eps == 0 else upstream_rows * smooth, target_shift,
                        safe_target)
 
 
-def _is_one_finite_value(upstream: Tensor) -> bool:
-    """Whether `upstream` is one value (0-d) that is finite, where the data can be looked at."""
-    return upstream.dim() == 0 and not _cannot_inspect_data() and math.isfinite(float(upstream))
+def _one_finite_value(upstream: Tensor) -> float | None:
+    """`upstream`'s value where it is one value (0-d), finite, and the data can be looked at; else None."""
+    if upstream.dim() != 0 or _cannot_inspect_data():
+        return None
+    value = float(upstream)
+    return value if math.isfinite(value) else None
 
 
 def _prob_exponents(prob_scale: Tensor, lse: Tensor) -> tuple[Tensor, Tensor | None]:
